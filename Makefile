@@ -1,0 +1,55 @@
+# Fresh-machine entry points: `make test` and `make demo` need nothing but Python 3.11 and make.
+# The virtual environment is built once; the install stamp is named after setup.py's hash, so a second run
+# installs nothing and an edited setup.py reinstalls.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum setup.py | cut -c1-16)
+# Verified pair (see README "Install"): torch must be installed on its own and first, or pip may pair a torch
+# with a torchvision built for another one.
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+DEMO_OUT ?= demo-output
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE ?= disabled
+export DS_ACCELERATOR := cpu
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install java test demo lint clean
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): setup.py | $(BIN)/python
+	rm -f $(VENV)/.installed-*
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
+	$(BIN)/python -m pip install --quiet -e ".[cpu,dev]"
+	touch $@
+
+# pycocoevalcap's METEOR and tokenizer run on Java.
+java:
+	@if ! command -v java >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "java not found: installing default-jre-headless"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null; \
+	  else \
+	    echo "WARNING: java not found; report metrics need it. Install it with: sudo apt-get install default-jre-headless"; \
+	  fi; \
+	fi
+
+test: install java
+	$(BIN)/python -m pytest -q tests
+
+demo: install java
+	$(BIN)/mmed-rag demo --out $(DEMO_OUT)
+
+lint: install
+	$(BIN)/ruff check mmed_rag tests scripts train retrieve benchmarks
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
