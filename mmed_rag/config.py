@@ -1,0 +1,169 @@
+"""Typed stage configs: dataclass defaults, then a YAML file, then the command line.
+
+Every stage has one dataclass whose field defaults are the single source of truth. A YAML file in ``configs/``
+overrides some of them (unknown keys are errors naming the file, so a typo never silently falls back to a
+default), and any field can be overridden again from the command line (``--field value``). The resolved config
+is saved next to every artefact a stage writes, so an output says how it was made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from mmed_rag.atomic import atomic_write_text
+
+C = TypeVar("C")
+CONFIG_FILE_NAME = "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit its dataclass."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(annotation: Any) -> tuple[Any, bool]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return annotation, False
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check (and gently convert) one value against its annotation, e.g. a YAML list for a tuple field."""
+    inner, optional = _strip_optional(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: null is not allowed here")
+    origin = typing.get_origin(inner)
+    if origin is Literal:
+        choices = typing.get_args(inner)
+        if value not in choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type, *_rest) = typing.get_args(inner) or (Any,)
+        items = [_coerce(item, item_type, f"{where}[{index}]") for index, item in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if inner is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if inner in (int, float, str) and not (isinstance(value, inner) and not isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {inner.__name__}, got {value!r}")
+    return value
+
+
+def config_from_dict(cls: type[C], values: Mapping[str, Any], source: str = "config") -> C:
+    """Build ``cls`` from a mapping; unknown keys and wrong types are errors naming ``source``."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of field names to values, got {type(values).__name__}")
+    types_by_name = _field_types(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; {cls.__name__} has: {', '.join(sorted(known))}")
+    checked = {name: _coerce(value, types_by_name[name], f"{source}: {name}") for name, value in values.items()}
+    return cls(**checked)
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> C:
+    """Dataclass defaults, updated by the YAML file at ``path``, updated by ``overrides``."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config {path} is not valid YAML: {error}") from None
+        values.update(dataclasses.asdict(config_from_dict(cls, loaded or {}, str(path))))
+    values.update(overrides or {})
+    return config_from_dict(cls, values, "command line" if overrides else str(path or cls.__name__))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain YAML-able values (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [plain(item) for item in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return {name: plain(value) for name, value in dataclasses.asdict(config).items()}
+
+
+def save_config(config: Any, directory: str | Path, name: str = CONFIG_FILE_NAME) -> Path:
+    """Write the resolved config as YAML beside an artefact (atomically)."""
+    path = Path(directory) / name
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return path
+
+
+# -- command line --------------------------------------------------------------------------------------------
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--field`` option per dataclass field (plus ``--config FILE``).
+
+    Options default to "not given" so that only what the user typed overrides the YAML file; help texts come
+    from ``field(metadata={"help": ...})`` and show the dataclass default. A field with
+    ``metadata={"positional": True}`` becomes a positional argument.
+    """
+    parser.add_argument("--config", metavar="YAML", help=f"YAML file with {cls.__name__} fields (overridden by options)")
+    types_by_name = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        inner, _optional = _strip_optional(types_by_name[f.name])
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "required"
+        kwargs: dict[str, Any] = {"help": f"{f.metadata.get('help', '')} (default: {default!r})".strip()}
+        origin = typing.get_origin(inner)
+        if origin in (tuple, list):
+            (item_type, *_rest) = typing.get_args(inner) or (str,)
+            kwargs["nargs"] = "+"
+            inner, origin = item_type, typing.get_origin(item_type)
+        if origin is Literal:
+            kwargs["choices"] = typing.get_args(inner)
+        elif inner is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif inner in (int, float):
+            kwargs["type"] = inner
+        if f.metadata.get("positional"):
+            kwargs.pop("help")
+            parser.add_argument(f.name, nargs=kwargs.pop("nargs", None), default=argparse.SUPPRESS,
+                                help=f.metadata.get("help"), **kwargs)
+            continue
+        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, **kwargs)
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """The config a parsed command line asks for: defaults < ``--config`` YAML < explicit options."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    overrides = {name: value for name, value in vars(args).items() if name in names}
+    return load_config(cls, getattr(args, "config", None), overrides)
