@@ -43,7 +43,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["mmed_rag", "mmed_rag.*"]),
-    package_data={"mmed_rag": ["model_configs/*.json", "py.typed"]},
+    package_data={"mmed_rag": ["model_configs/*.json", "chat_templates/*.jinja", "testing_corpus.txt"]},
     install_requires=CORE,
     extras_require={
         # faiss-cpu and faiss-gpu both install the `faiss` module into the same folder, so they cannot sit side

@@ -1,1 +1,108 @@
-def main(): pass
+"""``mmed-rag <stage>``: one command, one subcommand per working stage.
+
+Each subcommand only parses arguments into the stage's config dataclass (defaults < ``--config`` YAML < options)
+and calls the stage's Python function, which users can call directly with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mmed_rag.config import ConfigError, add_config_arguments, config_from_args
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    # The stage's module is imported only when the parser is built; those modules import torch inside functions.
+    config: Callable[[], type]
+    run: Callable[[object], int]
+
+
+def _validate_config() -> type:
+    from mmed_rag.data.validate import ValidateConfig
+
+    return ValidateConfig
+
+
+def _run_validate(config) -> int:
+    from mmed_rag.data.validate import validate_data
+
+    report = validate_data(**vars(config))
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def _phantom_config() -> type:
+    from mmed_rag.data.phantoms import PhantomConfig
+
+    return PhantomConfig
+
+
+def _run_phantoms(config) -> int:
+    from mmed_rag.data.phantoms import make_phantoms
+
+    manifest = make_phantoms(config)
+    counts = ", ".join(f"{modality}: {sum(splits.values())}" for modality, splits in manifest["counts"].items())
+    print(f"wrote phantom data set to {config.out} ({counts})")
+    return 0
+
+
+def _demo_config() -> type:
+    from mmed_rag.demo import DemoConfig
+
+    return DemoConfig
+
+
+def _run_demo(config) -> int:
+    from mmed_rag.demo import run_demo
+
+    return run_demo(config)
+
+
+STAGES = (
+    Stage(
+        "validate-data",
+        "check data files (and images) in the MMed-RAG release formats",
+        _validate_config,
+        _run_validate,
+    ),
+    Stage(
+        "make-phantoms", "write the procedural phantom data set in the release layout", _phantom_config, _run_phantoms
+    ),
+    Stage("demo", "run the smallest end-to-end path on generated data and report what it did", _demo_config, _run_demo),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmed-rag", description="MMed-RAG: multimodal RAG for medical VLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage in STAGES:
+        sub = subparsers.add_parser(stage.name, help=stage.help, description=stage.help)
+        add_config_arguments(sub, stage.config())
+        sub.set_defaults(stage_spec=stage)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    stage: Stage = args.stage_spec
+    try:
+        config = config_from_args(stage.config(), args)
+    except ConfigError as error:
+        parser.exit(2, f"mmed-rag {stage.name}: {error}\n")
+    return stage.run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

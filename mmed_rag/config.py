@@ -78,7 +78,9 @@ def config_from_dict(cls: type[C], values: Mapping[str, Any], source: str = "con
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; {cls.__name__} has: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"{source}: unknown field(s) {', '.join(unknown)}; {cls.__name__} has: {', '.join(sorted(known))}"
+        )
     checked = {name: _coerce(value, types_by_name[name], f"{source}: {name}") for name, value in values.items()}
     return cls(**checked)
 
@@ -129,7 +131,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     from ``field(metadata={"help": ...})`` and show the dataclass default. A field with
     ``metadata={"positional": True}`` becomes a positional argument.
     """
-    parser.add_argument("--config", metavar="YAML", help=f"YAML file with {cls.__name__} fields (overridden by options)")
+    parser.add_argument(
+        "--config", metavar="YAML", help=f"YAML file with {cls.__name__} fields (overridden by options)"
+    )
     types_by_name = _field_types(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -155,8 +159,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = inner
         if f.metadata.get("positional"):
             kwargs.pop("help")
-            parser.add_argument(f.name, nargs=kwargs.pop("nargs", None), default=argparse.SUPPRESS,
-                                help=f.metadata.get("help"), **kwargs)
+            parser.add_argument(
+                f.name,
+                nargs=kwargs.pop("nargs", None),
+                default=argparse.SUPPRESS,
+                help=f.metadata.get("help"),
+                **kwargs,
+            )
             continue
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, **kwargs)

@@ -49,8 +49,13 @@ def test_unknown_yaml_key_names_the_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("epochs: ten\n", "epochs: expected int"), ("amp: 1\n", "amp: expected true or false"),
-     ("precision: fp8\n", "precision: expected one of"), ("- 1\n", "expected a mapping"), ("a: [\n", "not valid YAML")],
+    [
+        ("epochs: ten\n", "epochs: expected int"),
+        ("amp: 1\n", "amp: expected true or false"),
+        ("precision: fp8\n", "precision: expected one of"),
+        ("- 1\n", "expected a mapping"),
+        ("a: [\n", "not valid YAML"),
+    ],
 )
 def test_bad_values_are_clear(tmp_path, text, expected):
     path = tmp_path / "toy.yaml"

@@ -90,8 +90,15 @@ def test_release_field_types(release_dir):
 
 def test_retrieval_output_round_trip(tmp_path):
     lines = [
-        {"question": "Is there an effusion?\n<image>", "answer": "No.", "image": "a/0.png", "question_id": 1,
-         "report": "No effusion.", "reference_reports": ["Lungs clear.", "No effusion."], "retrieve_k": 2},
+        {
+            "question": "Is there an effusion?\n<image>",
+            "answer": "No.",
+            "image": "a/0.png",
+            "question_id": 1,
+            "report": "No effusion.",
+            "reference_reports": ["Lungs clear.", "No effusion."],
+            "retrieve_k": 2,
+        },
         {"id": "r1", "report": "Normal.", "image_path": ["b/0.png"], "reference_reports": [], "retrieve_k": 0},
     ]
     path = tmp_path / "out.jsonl"
@@ -112,11 +119,17 @@ def test_records_built_in_code_write_canonical_order(tmp_path):
 
 # -- bad input ------------------------------------------------------------------------------------------------
 
-GOOD_VQA = {"question_id": 1, "question": "Is there a nodule?\n<image>", "answer": "No.", "image": "a.png",
-            "report": "No nodule."}
+GOOD_VQA = {
+    "question_id": 1,
+    "question": "Is there a nodule?\n<image>",
+    "answer": "No.",
+    "image": "a.png",
+    "report": "No nodule.",
+}
 GOOD_REPORT = {"id": "s1", "report": "The lungs are clear.", "image_path": ["s1/0.png"]}
 GOOD_PAIR = {
-    "id": "p1", "image": "p1.png",
+    "id": "p1",
+    "image": "p1.png",
     "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "Clear lungs."}],
     "rejected_conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "Effusion."}],
     "rejected_noised": 1,
@@ -142,7 +155,9 @@ def assert_error(error: RecordError, path: Path, position: str | None, field: st
 
 
 def test_malformed_jsonl_line_names_the_line_and_can_be_skipped(tmp_path):
-    path = write_jsonl(tmp_path / "vqa.jsonl", [GOOD_VQA, '{"question_id": 2, "question": ', {**GOOD_VQA, "question_id": 3}])
+    path = write_jsonl(
+        tmp_path / "vqa.jsonl", [GOOD_VQA, '{"question_id": 2, "question": ', {**GOOD_VQA, "question_id": 3}]
+    )
     with pytest.raises(RecordError) as caught:
         read_vqa(path)
     assert_error(caught.value, path, "line 2", None, "invalid JSON")
@@ -189,8 +204,16 @@ def test_record_that_is_not_an_object(tmp_path):
         ({**GOOD_REPORT, "id": None}, "id", "expected a string or an integer, got null"),
         ({**GOOD_REPORT, "id": 1.5}, "id", "expected a string or an integer, got float"),
     ],
-    ids=["missing-report", "missing-image", "empty-report", "non-string-report", "empty-image-list",
-         "non-string-image", "null-id", "float-id"],
+    ids=[
+        "missing-report",
+        "missing-image",
+        "empty-report",
+        "non-string-report",
+        "empty-image-list",
+        "non-string-image",
+        "null-id",
+        "float-id",
+    ],
 )
 def test_bad_report_fields(tmp_path, record, field, expected):
     path = write_json(tmp_path / "train.json", [GOOD_REPORT, record])

@@ -100,7 +100,9 @@ def open_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
         raise ImageLoadError(f"cannot read image {path} (truncated or corrupt?): {error}") from None
 
 
-def load_image(image_root: str | os.PathLike, relative_path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(
+    image_root: str | os.PathLike, relative_path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
     """Resolve a data file's image path safely inside ``image_root`` and open it as RGB."""
     return open_image(resolve_image_path(image_root, relative_path), max_pixels=max_pixels)
 

@@ -432,7 +432,11 @@ class RetrievalRecord:
         return cls(query_type.from_dict(query_fields), list(reports), k)
 
     def to_dict(self) -> dict:
-        return {**self.query.to_dict(), "reference_reports": list(self.reference_reports), "retrieve_k": self.retrieve_k}
+        return {
+            **self.query.to_dict(),
+            "reference_reports": list(self.reference_reports),
+            "retrieve_k": self.retrieve_k,
+        }
 
 
 Record = ImageReportRecord | VQARecord | PreferenceRecord | RetrievalRecord
@@ -521,9 +525,15 @@ def _iter_jsonl(path: Path, data: bytes, max_record_bytes: int) -> Iterator[tupl
         if not line.strip():
             continue
         if len(line) > max_record_bytes:
-            yield position, RecordError(
-                path, position, None, f"line is {len(line):,} bytes, over the limit of {max_record_bytes:,} "
-                "(max_record_bytes): a missing newline or a binary file?"
+            yield (
+                position,
+                RecordError(
+                    path,
+                    position,
+                    None,
+                    f"line is {len(line):,} bytes, over the limit of {max_record_bytes:,} "
+                    "(max_record_bytes): a missing newline or a binary file?",
+                ),
             )
             continue
         try:
@@ -549,7 +559,9 @@ def _iter_json_list(path: Path, text: str, max_record_bytes: int) -> Iterator[tu
         raise FileFormatError(path, None, None, "the file is empty: expected a JSON list of records")
     if text[index] != "[":
         kind = "an object" if text[index] == "{" else f"{text[index]!r}"
-        raise FileFormatError(path, "line 1", None, f"wrong top-level type: expected a JSON list of records, got {kind}")
+        raise FileFormatError(
+            path, "line 1", None, f"wrong top-level type: expected a JSON list of records, got {kind}"
+        )
     line, scanned = 1, 0
     index = _skip_whitespace(text, index + 1)
     if index < len(text) and text[index] == "]":
@@ -628,8 +640,10 @@ def read_records(
             raise error
         result.errors.append(error)
 
-    items = _iter_jsonl(path, data, max_record_bytes) if container == "jsonl" else _iter_json_list(
-        path, text, max_record_bytes
+    items = (
+        _iter_jsonl(path, data, max_record_bytes)
+        if container == "jsonl"
+        else _iter_json_list(path, text, max_record_bytes)
     )
     seen: dict[Any, str] = {}
     try:
@@ -651,7 +665,11 @@ def read_records(
             if record.unique_key is not None:
                 key = (type(record.key).__name__, record.key)
                 if key in seen:
-                    fail(RecordError(path, position, record.unique_key, f"duplicate {record.key!r}, first seen at {seen[key]}"))
+                    fail(
+                        RecordError(
+                            path, position, record.unique_key, f"duplicate {record.key!r}, first seen at {seen[key]}"
+                        )
+                    )
                     continue
                 seen[key] = position
             for field_name, problem in getattr(record, "warnings", list)():
@@ -715,4 +733,3 @@ def write_records(
         text = json.dumps(dicts, ensure_ascii=False, allow_nan=False, indent=4) + "\n"
     atomic_write_text(path, text)
     return path
-

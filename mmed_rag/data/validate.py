@@ -72,9 +72,12 @@ class ValidationReport:
 
 def _check_images(report: FileReport, image_root: str, max_pixels: int) -> None:
     checked: set[str] = set()
-    pairs = [(position, record, image) for position, record in zip(report.result.positions, report.result.records)
-             for image in record.image_paths]
-    for position, record, image in tqdm(pairs, desc=f"images of {report.path.name}", unit="img", leave=False):
+    pairs = [
+        (position, image)
+        for position, record in zip(report.result.positions, report.result.records, strict=True)
+        for image in record.image_paths
+    ]
+    for position, image in tqdm(pairs, desc=f"images of {report.path.name}", unit="img", leave=False):
         if image in checked:
             continue
         checked.add(image)
