@@ -93,9 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Our own progress at INFO; third-party libraries (open_clip logs every step of model creation through the
+    # root logger) only at WARNING unless --verbose.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("mmed_rag").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     stage: Stage = args.stage_spec
     try:
         config = config_from_args(stage.config(), args)

@@ -82,7 +82,12 @@ def config_from_dict(cls: type[C], values: Mapping[str, Any], source: str = "con
             f"{source}: unknown field(s) {', '.join(unknown)}; {cls.__name__} has: {', '.join(sorted(known))}"
         )
     checked = {name: _coerce(value, types_by_name[name], f"{source}: {name}") for name, value in values.items()}
-    return cls(**checked)
+    try:
+        return cls(**checked)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:  # a dataclass's own checks (__post_init__)
+        raise ConfigError(f"{source}: {error}") from None
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> C:

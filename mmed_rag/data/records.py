@@ -678,7 +678,9 @@ def read_records(
             result.positions.append(position)
     except FileFormatError as error:
         fail(error)
-    result.kind = result.kind or kind or "retriever"
+    if not result.kind or (kind is None and result.kind == "retriever"):
+        # Retriever pairs and report test sets share one format; detection cannot tell them apart.
+        result.kind = "retriever/report"
     return result
 
 

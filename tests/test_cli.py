@@ -1,0 +1,100 @@
+"""The `mmed-rag` command: stages, validate-data on real and broken files, make-phantoms, the demo."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from mmed_rag.cli import main
+
+RELEASE_COUNTS = {
+    "training/retriever/radiology/radiology_train.json": 4034,
+    "training/retriever/pathology/pathology_train.json": 5000,
+    "training/alignment/radiology/radiology_report.json": 701,
+    "training/alignment/ophthalmology/harvard_vqa.json": 1854,
+    "test/vqa/iuxray_test.jsonl": 2573,
+    "test/vqa/pmc-oa_test.jsonl": 1994,
+    "test/report/iuxray_test.json": 590,
+}
+
+
+def test_help_lists_the_working_stages():
+    result = subprocess.run(
+        [sys.executable, "-m", "mmed_rag.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    for stage in ("validate-data", "make-phantoms", "demo"):
+        assert stage in result.stdout
+
+
+def test_validate_data_on_every_release_file(release_dir, capsys):
+    files = sorted(str(p) for p in release_dir.rglob("*.json*"))
+    assert len(files) == len(RELEASE_COUNTS)
+    assert main(["validate-data", *files]) == 0
+    out = capsys.readouterr().out
+    for name, count in RELEASE_COUNTS.items():
+        assert f"{release_dir / name}: {count} " in out
+    total = sum(RELEASE_COUNTS.values())
+    assert f"OK: 7 file(s), {total} record(s), 0 error(s), 1 warning(s), 0 image problem(s)" in out
+
+
+def test_validate_data_reports_errors_with_positions_and_fails(tmp_path, capsys):
+    good = {"question_id": 1, "question": "Q?\n<image>", "answer": "No.", "image": "a.png"}
+    path = tmp_path / "vqa.jsonl"
+    path.write_text(json.dumps(good) + "\n{oops\n" + json.dumps({**good, "question_id": 2, "image": "../x.png"}) + "\n")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "images" / "a.png")
+    assert main(["validate-data", str(path), "--image-root", str(tmp_path / "images")]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}, line 2: invalid JSON" in out
+    assert f"{path}, line 3: image path '../x.png' leads outside the image root" in out
+    assert "FAILED: 1 file(s), 2 record(s), 1 error(s), 0 warning(s), 1 image problem(s)" in out
+
+
+def test_validate_data_reports_missing_images(tmp_path, capsys):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([{"id": "a", "report": "Clear.", "image_path": ["a/0.png", "a/1.png"]}]))
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    Image.new("L", (4, 4)).save(tmp_path / "images" / "a" / "0.png")
+    assert main(["validate-data", str(path), "--image-root", str(tmp_path / "images"), "--kind", "retriever"]) == 1
+    out = capsys.readouterr().out
+    assert "images: 2 checked, 1 problem(s)" in out and "image not found" in out and "a/1.png" in out
+
+
+def test_validate_data_unreadable_file(tmp_path, capsys):
+    assert main(["validate-data", str(tmp_path / "missing.json")]) == 1
+    assert "unreadable" in capsys.readouterr().out
+
+
+def test_make_phantoms_from_yaml_with_override(tmp_path, capsys):
+    preset = tmp_path / "phantoms.yaml"
+    preset.write_text(f"out: {tmp_path / 'from-yaml'}\nn: 300\nsize: 32\n")
+    assert main(["make-phantoms", "--config", str(preset), "--n", "30", "--seed", "3"]) == 0
+    manifest = json.loads((tmp_path / "from-yaml" / "manifest.json").read_text())
+    assert manifest["config"]["n"] == 30 and manifest["config"]["size"] == 32 and manifest["config"]["seed"] == 3
+    assert "wrote phantom data set" in capsys.readouterr().out
+
+
+def test_bad_config_key_exits_with_a_message(tmp_path, capsys):
+    preset = tmp_path / "phantoms.yaml"
+    preset.write_text("images: 10\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["make-phantoms", "--config", str(preset)])
+    assert exit_info.value.code == 2
+    assert "unknown field(s) images" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--n", "150", "--size", "48"]) == 0
+    printed = capsys.readouterr().out
+    assert "[5/5]" in printed and "max logit difference after reload 0.0e+00" in printed
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["validation_ok"] is True
+    modality = next(score for score in summary["pixel_probe"] if score["task"] == "modality")
+    assert modality["accuracy"] > modality["majority"] + 0.3
+    for picture in ("phantom_grid.png", "noised_side_by_side.png"):
+        with Image.open(out / picture) as image:
+            assert image.size[0] > 200
+    assert (out / "config.yaml").is_file() and (out / "tiny-llava" / "config.json").is_file()
