@@ -40,13 +40,13 @@ class DemoConfig:
 def _side_by_side(original_path: Path, noised_path: Path, out_png: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from PIL import Image
+
+    from mmed_rag.data.images import open_image
 
     figure = Figure(figsize=(4, 2.2), dpi=100)
     FigureCanvasAgg(figure)
     for axis, path, title in zip(figure.subplots(1, 2), (original_path, noised_path), ("image", "noised"), strict=True):
-        with Image.open(path) as image:
-            axis.imshow(image.convert("RGB"), interpolation="nearest")
+        axis.imshow(open_image(path), interpolation="nearest")
         axis.set_title(title, fontsize=8)
         axis.set_axis_off()
     figure.tight_layout()

@@ -22,3 +22,12 @@ def release_dir() -> Path:
     if not RELEASE.is_dir():
         pytest.skip(f"MMed-RAG release samples not found at {RELEASE} (they live in ../shared beside the repo)")
     return RELEASE
+
+
+@pytest.fixture(scope="session")
+def real_xrays() -> Path:
+    """Real chest X-rays (PneumoniaMNIST subset, 28x28 grayscale); tests using them skip where it is absent."""
+    archive = SHARED / "real-images" / "pneumoniamnist.npz"
+    if not archive.is_file():
+        pytest.skip(f"real chest X-rays not found at {archive} (they live in ../shared beside the repo)")
+    return archive

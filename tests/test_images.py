@@ -97,3 +97,17 @@ def test_noised_image_follows_the_original_recipe():
     assert 0.12 < (pixels == 255).mean() < 0.20
     np.testing.assert_array_equal(np.asarray(noised_image((40, 30), seed=7)), pixels)
     assert not np.array_equal(np.asarray(noised_image((40, 30), seed=8)), pixels)
+
+
+def test_real_chest_xrays_go_through_the_same_path(real_xrays, tmp_path):
+    images = np.load(real_xrays)["test_images"][:8]
+    root = tmp_path / "xrays"
+    root.mkdir()
+    for index, pixels in enumerate(images):
+        Image.fromarray(pixels).save(root / f"{index}.png")
+    for index, pixels in enumerate(images):
+        loaded = np.asarray(load_image(root, f"{index}.png"))
+        assert loaded.shape == (28, 28, 3)
+        np.testing.assert_array_equal(loaded[..., 0], pixels)  # grayscale replicated, not rescaled
+        noised = noised_image((28, 28), seed=index)
+        assert noised.size == (28, 28) and not np.array_equal(np.asarray(noised)[..., 0], pixels)

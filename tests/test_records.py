@@ -21,7 +21,8 @@ from mmed_rag.data.records import (
     write_records,
 )
 
-# Record counts documented in ../shared/mmed-rag-release/README.md (and, for the test sets, counted there).
+# Record counts: the training files' are documented in ../shared/mmed-rag-release/README.md (checked below);
+# the test sets' are not documented there and were counted from the files.
 RELEASE_FILES = {
     "training/retriever/radiology/radiology_train.json": ("retriever", ImageReportRecord, 4034),
     "training/retriever/pathology/pathology_train.json": ("retriever", ImageReportRecord, 5000),
