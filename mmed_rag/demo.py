@@ -141,7 +141,7 @@ def run_demo(config: DemoConfig) -> int:
 
     scores = probe_phantoms(phantom_dir)
     summary["pixel_probe"] = [score.__dict__ for score in scores]
-    print("[4/5] pixel probe (logistic regression on 16x16 pixels; train split -> test split):")
+    print("[4/5] pixel probe (logistic regression on 16x16 pixels + colour histograms; train split -> test split):")
     print(f"      {'task':<28} {'accuracy':>8} {'majority':>8} {'n test':>6}")
     for score in scores:
         print(f"      {score.task:<28} {score.accuracy:>8.3f} {score.majority:>8.3f} {score.n_test:>6}")
