@@ -65,6 +65,22 @@ def _run_demo(config) -> int:
     return run_demo(config)
 
 
+def _build_index_config() -> type:
+    from mmed_rag.retrieval.index import BuildIndexConfig
+
+    return BuildIndexConfig
+
+
+def _run_build_index(config) -> int:
+    from mmed_rag.retrieval.index import build_index
+
+    index = build_index(config)
+    print(
+        f"indexed {len(index)} unique {config.modality} report(s) ({index.kind}, dim {index.embed_dim}) -> {config.out}"
+    )
+    return 0
+
+
 STAGES = (
     Stage(
         "validate-data",
@@ -74,6 +90,12 @@ STAGES = (
     ),
     Stage(
         "make-phantoms", "write the procedural phantom data set in the release layout", _phantom_config, _run_phantoms
+    ),
+    Stage(
+        "build-index",
+        "encode a modality's report corpus once into a FAISS index",
+        _build_index_config,
+        _run_build_index,
     ),
     Stage("demo", "run the smallest end-to-end path on generated data and report what it did", _demo_config, _run_demo),
 )

@@ -81,6 +81,17 @@ def config_from_dict(cls: type[C], values: Mapping[str, Any], source: str = "con
         raise ConfigError(
             f"{source}: unknown field(s) {', '.join(unknown)}; {cls.__name__} has: {', '.join(sorted(known))}"
         )
+    missing = sorted(
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init
+        and f.name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    )
+    if missing:
+        options = ", ".join(f"--{name.replace('_', '-')}" for name in missing)
+        raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)} (give {options} or a YAML file)")
     checked = {name: _coerce(value, types_by_name[name], f"{source}: {name}") for name, value in values.items()}
     try:
         return cls(**checked)

@@ -74,3 +74,14 @@ def test_saved_config_loads_back(tmp_path):
     path = save_config(config, tmp_path)
     assert yaml.safe_load(path.read_text())["modalities"] == ["a"]
     assert load_config(ToyConfig, path) == config
+
+
+@dataclass
+class NeedsOut:
+    out: str
+    n: int = 1
+
+
+def test_missing_required_field_names_the_option():
+    with pytest.raises(ConfigError, match=r"missing required field\(s\) out \(give --out"):
+        load_config(NeedsOut, overrides={"n": 2})
