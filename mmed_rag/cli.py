@@ -81,6 +81,25 @@ def _run_build_index(config) -> int:
     return 0
 
 
+def _retrieve_config() -> type:
+    from mmed_rag.retrieval.batch import RetrieveConfig
+
+    return RetrieveConfig
+
+
+def _run_retrieve(config) -> int:
+    from mmed_rag.retrieval.batch import retrieve
+
+    summary = retrieve(config)
+    print(
+        f"wrote {summary.written} record(s) with reference reports to {summary.output_path}"
+        f" ({summary.resumed} from an earlier run, {len(summary.skipped)} skipped); index: {summary.index_dir}"
+    )
+    for problem in summary.skipped:
+        print(f"  skipped: {problem}")
+    return 0
+
+
 STAGES = (
     Stage(
         "validate-data",
@@ -96,6 +115,12 @@ STAGES = (
         "encode a modality's report corpus once into a FAISS index",
         _build_index_config,
         _run_build_index,
+    ),
+    Stage(
+        "retrieve",
+        "retrieve reference reports for every record of a VQA or report file",
+        _retrieve_config,
+        _run_retrieve,
     ),
     Stage("demo", "run the smallest end-to-end path on generated data and report what it did", _demo_config, _run_demo),
 )

@@ -145,7 +145,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
     Options default to "not given" so that only what the user typed overrides the YAML file; help texts come
     from ``field(metadata={"help": ...})`` and show the dataclass default. A field with
-    ``metadata={"positional": True}`` becomes a positional argument.
+    ``metadata={"positional": True}`` becomes a positional argument; ``metadata={"aliases": [...]}`` adds option
+    names (the original scripts' spellings, e.g. ``--eval_jsonl``).
     """
     parser.add_argument(
         "--config", metavar="YAML", help=f"YAML file with {cls.__name__} fields (overridden by options)"
@@ -184,6 +185,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             )
             continue
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        flags += list(f.metadata.get("aliases", ()))
         parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, **kwargs)
 
 

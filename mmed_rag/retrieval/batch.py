@@ -1,0 +1,247 @@
+"""Batch retrieval: for every record of a VQA or report test file, the reports of its nearest corpus neighbours.
+
+The output is the original release's: each input record unchanged, plus ``reference_reports`` (best first) and
+``retrieve_k`` (how many were kept by the selection rule), one JSON line per record. What differs from the
+original scripts:
+
+- the report corpus is encoded once into a :class:`ReportIndex` (``--index DIR``), or, given only the corpus
+  (``--train_json``), built once and cached beside the output under a key of retriever weights + corpus bytes,
+  so a second run encodes only the queries;
+- a killed run resumes: results go to ``OUTPUT.partial`` batch by batch (flushed and fsynced), a rerun skips the
+  records already there, and the finished file is renamed into place, so ``OUTPUT`` is never half-written;
+- a record whose image is missing or unreadable stops the run with its id and file, or, with
+  ``on_error="skip"``, is reported and left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from mmed_rag.config import ConfigError
+from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image
+from mmed_rag.data.records import RetrievalRecord, read_records
+from mmed_rag.retrieval.clip import create_clip, resolve_clip
+from mmed_rag.retrieval.index import IndexMissingError, ReportIndex, Retriever, RetrieverIdentity
+from mmed_rag.retrieval.select import RULES, KSelection
+
+logger = logging.getLogger(__name__)
+
+INDEX_CACHE_DIR = ".mmed-rag-index"
+PARTIAL_SUFFIX = ".partial"
+
+
+class RetrievalError(RuntimeError):
+    """A record that cannot be retrieved for (its image is missing or unreadable), or an unusable output path."""
+
+
+@dataclass
+class RetrieveConfig:
+    """Arguments of batch retrieval; the names are the original scripts' flags."""
+
+    eval_json: str = field(
+        metadata={"help": "records to retrieve for: VQA test JSONL or report test JSON", "aliases": ["--eval_jsonl"]}
+    )
+    output_path: str = field(metadata={"help": "JSONL to write: each record + reference_reports + retrieve_k"})
+    img_root: str = field(metadata={"help": "image root that the records' image paths are relative to"})
+    train_json: str | None = field(
+        default=None,
+        metadata={"help": "report corpus (retriever training JSON); indexed once and cached if no --index"},
+    )
+    index: str | None = field(default=None, metadata={"help": "a ReportIndex directory (build-index): no encoding"})
+    model_name_or_path: str = field(
+        default="hf-hub:thaottn/OpenCLIP-resnet50-CC12M",
+        metadata={"help": "retriever: a save_clip directory, a local hub copy, or an open_clip name (+ checkpoint)"},
+    )
+    checkpoint_path: str | None = field(default=None, metadata={"help": "fine-tuned weights to load into the model"})
+    fixed_k: int = field(default=5, metadata={"help": "reports retrieved per record (the cap of adaptive rules)"})
+    clip_threshold: float | None = field(
+        default=None, metadata={"help": "the original ratio rule: keep report i while s_1 / s_i < threshold"}
+    )
+    select_rule: Literal["fixed", "ratio", "gap", "absolute"] | None = field(
+        default=None, metadata={"help": f"selection rule ({', '.join(RULES)}); default: from the original flags"}
+    )
+    select_threshold: float | None = field(
+        default=None, metadata={"help": "parameter of --select-rule: ratio, gamma, or minimum similarity"}
+    )
+    eval_type: str = field(default="test", metadata={"help": "kept for the original scripts' command lines"})
+    batch_size: int = field(default=64, metadata={"help": "images encoded per batch"})
+    workers: int = field(default=0, metadata={"help": "image-loading worker processes"})
+    on_error: Literal["raise", "skip"] = field(
+        default="raise", metadata={"help": "a record with a bad image: stop (raise) or report and leave it out (skip)"}
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+
+    def __post_init__(self) -> None:
+        # The original scripts default their optional paths to "": treat it as not given.
+        for name in ("train_json", "index", "checkpoint_path"):
+            if getattr(self, name) == "":
+                setattr(self, name, None)
+        if self.index is None and self.train_json is None:
+            raise ConfigError("give --index DIR (a built index) or --train_json FILE (the corpus to index)")
+        if self.fixed_k < 1:
+            raise ConfigError(f"fixed_k: expected at least 1, got {self.fixed_k}")
+        self.selection()  # a bad rule or threshold fails here, before any work
+
+    def selection(self) -> KSelection:
+        if self.select_rule is None:
+            return KSelection.from_original_flags(self.fixed_k, self.clip_threshold)
+        return KSelection(self.select_rule, self.fixed_k, self.select_threshold)
+
+
+@dataclass
+class RetrievalSummary:
+    output_path: Path
+    written: int  # records in the output, including those of an earlier, interrupted run
+    resumed: int  # records found already done in OUTPUT.partial
+    skipped: list[str]  # "id: problem" for records left out (on_error="skip")
+    index_dir: Path | None  # where the index came from (None: built in memory)
+
+
+def _device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def load_retriever(model_name_or_path: str, checkpoint_path: str | None, device: str = "cpu") -> Retriever:
+    """The retriever of the original flags: a saved directory, or a model name plus fine-tuned weights."""
+    model, _, preprocess, tokenizer = create_clip(model_name_or_path, checkpoint=checkpoint_path, device=device)
+    if checkpoint_path is None and resolve_clip(model_name_or_path).weights is not None:
+        identity = RetrieverIdentity.of_saved(model_name_or_path)
+    else:
+        identity = RetrieverIdentity.of_model(model, model_name_or_path)
+    return Retriever(model, tokenizer, identity, preprocess)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_index(
+    retriever: Retriever, corpus: Path, cache_root: Path, batch_size: int = 256
+) -> tuple[ReportIndex, Path]:
+    """The corpus index for ``retriever``, from ``cache_root`` if built before, else built and cached there."""
+    key = f"{retriever.identity.weights_sha256[:16]}-{_sha256(corpus)[:16]}"
+    directory = cache_root / key
+    try:
+        index = ReportIndex.load(directory, retriever=retriever.identity, corpus=corpus)
+        logger.info("Reusing the cached report index %s", directory)
+    except IndexMissingError:
+        index = ReportIndex.build(retriever, corpus, modality=corpus.parent.name, batch_size=batch_size)
+        index.save(directory)
+    return index, directory
+
+
+class _QueryImages(Dataset):
+    """One query image per record (the first view), loaded safely; a failure is returned, not raised."""
+
+    def __init__(self, records, image_root: str, preprocess):
+        self.records, self.image_root, self.preprocess = records, image_root, preprocess
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        try:
+            return index, self.preprocess(load_image(self.image_root, record.image_paths[0])), None
+        except (ImageLoadError, ImagePathError) as error:
+            return index, None, str(error)
+
+
+def _collate(items):
+    return items
+
+
+def _done_keys(partial: Path) -> list:
+    """Keys of the records an interrupted run completed; a torn last line (killed mid-write) is cut off."""
+    if not partial.is_file():
+        return []
+    data = partial.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(partial, "r+b") as handle:
+            handle.truncate(len(complete))
+    keys = []
+    for line in complete.decode("utf-8").splitlines():
+        record = json.loads(line)
+        keys.append(record.get("question_id", record.get("id")))
+    return keys
+
+
+def retrieve(config: RetrieveConfig) -> RetrievalSummary:
+    """Retrieve reports for every record of ``config.eval_json`` and write the original output format."""
+    device = _device(config.device)
+    output = Path(config.output_path)
+    partial = output.with_name(output.name + PARTIAL_SUFFIX)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "ab"):
+            pass
+    except OSError as error:
+        raise RetrievalError(f"cannot write the output {output}: {error.strerror or error}") from None
+
+    retriever = load_retriever(config.model_name_or_path, config.checkpoint_path, device)
+    if config.index is not None:
+        corpus = config.train_json
+        index, index_dir = (
+            ReportIndex.load(config.index, retriever=retriever.identity, corpus=corpus),
+            Path(config.index),
+        )
+    else:
+        index, index_dir = cached_index(retriever, Path(config.train_json), output.parent / INDEX_CACHE_DIR)
+
+    records = read_records(config.eval_json, on_error=config.on_error).records
+    done = set(_done_keys(partial))
+    todo = [record for record in records if record.key not in done]
+    if done:
+        logger.info("Resuming %s: %d record(s) done, %d to go", output, len(done), len(todo))
+    selection = config.selection()
+    skipped: list[str] = []
+    loader = DataLoader(
+        _QueryImages(todo, config.img_root, retriever.preprocess),
+        batch_size=config.batch_size,
+        num_workers=config.workers,
+        collate_fn=_collate,
+    )
+    with open(partial, "a", encoding="utf-8") as sink, torch.no_grad():
+        for batch in tqdm(loader, desc="retrieving", unit="batch"):
+            good = []
+            for position, pixels, problem in batch:
+                record = todo[position]
+                if problem is None:
+                    good.append((record, pixels))
+                    continue
+                message = f"{record.unique_key} {record.key!r}: {problem}"
+                if config.on_error == "raise":
+                    raise RetrievalError(f"{config.eval_json}: record {message} (pass on_error='skip' to go on)")
+                logger.warning("skipping record %s", message)
+                skipped.append(message)
+            if not good:
+                continue
+            pixels = torch.stack([p for _, p in good]).to(device)
+            queries = retriever.model.encode_image(pixels, normalize=True).float().cpu().numpy()
+            scores, rows = index.search(queries, selection.k)
+            for (record, _), row_scores, entries in zip(good, scores, index.lookup(rows), strict=True):
+                kept = selection(row_scores)
+                line = RetrievalRecord(record, [entry.report for entry in entries[:kept]], kept).to_dict()
+                sink.write(json.dumps(line, ensure_ascii=False) + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
+    with open(partial, encoding="utf-8") as finished:
+        written = sum(1 for _ in finished)
+    os.replace(partial, output)
+    logger.info("Wrote %d record(s) to %s (%d skipped)", written, output, len(skipped))
+    return RetrievalSummary(output, written, len(done), skipped, index_dir)
