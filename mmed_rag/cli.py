@@ -100,6 +100,23 @@ def _run_retrieve(config) -> int:
     return 0
 
 
+def _eval_retrieval_config() -> type:
+    from mmed_rag.retrieval.evaluate import EvalRetrievalConfig
+
+    return EvalRetrievalConfig
+
+
+def _run_eval_retrieval(config) -> int:
+    from mmed_rag.retrieval.evaluate import eval_retrieval
+
+    scores = eval_retrieval(config)
+    print(f"{scores.queries} queries against {scores.index_size} reports:")
+    for k, value in scores.recall.items():
+        print(f"  recall@{k}: {value:.3f} (chance {scores.chance[k]:.3f})")
+    print(f"metrics and similarity.png in {config.out}")
+    return 0
+
+
 STAGES = (
     Stage(
         "validate-data",
@@ -121,6 +138,12 @@ STAGES = (
         "retrieve reference reports for every record of a VQA or report file",
         _retrieve_config,
         _run_retrieve,
+    ),
+    Stage(
+        "eval-retrieval",
+        "recall@k of a retriever and its similarity distribution",
+        _eval_retrieval_config,
+        _run_eval_retrieval,
     ),
     Stage("demo", "run the smallest end-to-end path on generated data and report what it did", _demo_config, _run_demo),
 )

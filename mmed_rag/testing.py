@@ -72,11 +72,13 @@ def _tiny_tokenizer_json() -> str:
     # Lower-casing and one token per punctuation mark and per digit keep the vocabulary small while any
     # report, number or prompt still tokenizes; words outside the corpus become <unk>.
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Punctuation("isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Punctuation("isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
     # Ties in frequency are broken by the word itself, so the same corpus gives the same ids in every process.
     trainer = trainers.WordLevelTrainer(vocab_size=10_000, min_frequency=1, special_tokens=list(SPECIAL_TOKENS))
     tokenizer.train_from_iterator(corpus, trainer)

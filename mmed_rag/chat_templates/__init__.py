@@ -19,8 +19,11 @@ VICUNA_V1 = "vicuna_v1"
 
 def available_chat_templates() -> list[str]:
     """Names accepted by :func:`load_chat_template`, one per ``*.jinja`` file in this package."""
-    return sorted(entry.name.removesuffix(".jinja") for entry in resources.files(__name__).iterdir()
-                  if entry.name.endswith(".jinja"))
+    return sorted(
+        entry.name.removesuffix(".jinja")
+        for entry in resources.files(__name__).iterdir()
+        if entry.name.endswith(".jinja")
+    )
 
 
 def load_chat_template(name: str) -> str:

@@ -198,8 +198,10 @@ def _stamp(canvas: np.ndarray, cx, cy, rx, ry, angle=0.0, strength=1.0, wobble=0
     ``phase``), as in atypical nuclei; overlapping shapes keep the stronger value instead of adding up.
     """
     cx, cy, rx, ry, angle, strength, wobble, phase = (
-        a.ravel() for a in np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in
-                                                 (cx, cy, rx, ry, angle, strength, wobble, phase)))
+        a.ravel()
+        for a in np.broadcast_arrays(
+            *(np.asarray(v, dtype=np.float64) for v in (cx, cy, rx, ry, angle, strength, wobble, phase))
+        )
     )
     if cx.size == 0:
         return
@@ -272,9 +274,7 @@ def _render_radiology(findings: Sequence[str], size: int, rng: np.random.Generat
     solid = np.maximum(heart, mediastinum)
     # Heart, great vessels and liver are thicker than the chest wall, and alike: no edge where they meet.
     density += 0.18 * np.maximum(solid, abdomen)
-    lungs = {
-        side: _ellipse(x, y, side * 0.38, 0.0, 0.3, 0.76, px) * (1 - abdomen) * (1 - solid) for side in (-1, 1)
-    }
+    lungs = {side: _ellipse(x, y, side * 0.38, 0.0, 0.3, 0.76, px) * (1 - abdomen) * (1 - solid) for side in (-1, 1)}
     texture = _smooth_noise(rng, size, 0.02)
     markings = {side: 0.06 * _lung_markings(rng, pose, side) + 0.015 * texture for side in (-1, 1)}
 
@@ -379,8 +379,17 @@ def _render_pathology(findings: Sequence[str], size: int, rng: np.random.Generat
         count = int(160 * tumour.sum() / px**2)
         tx, ty = _sample_in(rng, tumour, count)
         radius = rng.uniform(0.038, 0.058, count) * px
-        _stamp(nuclei, tx, ty, radius, radius * rng.uniform(0.65, 1.0, count), rng.uniform(0, math.pi, count),
-               rng.uniform(0.8, 1.2, count), rng.uniform(0.05, 0.18, count), rng.uniform(0, 6.3, count))
+        _stamp(
+            nuclei,
+            tx,
+            ty,
+            radius,
+            radius * rng.uniform(0.65, 1.0, count),
+            rng.uniform(0, math.pi, count),
+            rng.uniform(0.8, 1.2, count),
+            rng.uniform(0.05, 0.18, count),
+            rng.uniform(0, 6.3, count),
+        )
     if "inflammation" in findings:
         # Lymphocytes: many small, round, very dark nuclei in one or two clusters.
         lymphocytes = np.zeros((size, size))
@@ -388,8 +397,15 @@ def _render_pathology(findings: Sequence[str], size: int, rng: np.random.Generat
             count = rng.integers(80, 130)
             centre, spread = rng.uniform(-0.55, 0.55, 2), rng.uniform(0.18, 0.3)
             lx, ly = pose.to_pixels(*(centre[:, None] + rng.normal(0, spread, (2, count))))
-            _stamp(lymphocytes, lx, ly, rng.uniform(0.018, 0.025, count) * px, rng.uniform(0.018, 0.025, count) * px,
-                   0.0, 1.35)
+            _stamp(
+                lymphocytes,
+                lx,
+                ly,
+                rng.uniform(0.018, 0.025, count) * px,
+                rng.uniform(0.018, 0.025, count) * px,
+                0.0,
+                1.35,
+            )
         nuclei = np.maximum(nuclei, lymphocytes * (1 - lumens))
     if "necrosis" in findings:
         # A pale, washed-out eosinophilic area: cells (and lumens) gone, only specks of nuclear debris left.
@@ -399,8 +415,17 @@ def _render_pathology(findings: Sequence[str], size: int, rng: np.random.Generat
         eosin = eosin * (1 - dead) + (0.3 + 0.03 * _smooth_noise(rng, size, 0.1)) * dead
         count = rng.integers(40, 70)
         dx, dy = _sample_in(rng, dead, count)
-        _stamp(nuclei, dx, dy, rng.uniform(0.012, 0.022, count) * px, rng.uniform(0.008, 0.014, count) * px,
-               rng.uniform(0, math.pi, count), rng.uniform(0.5, 0.8, count), 0.3, rng.uniform(0, 6.3, count))
+        _stamp(
+            nuclei,
+            dx,
+            dy,
+            rng.uniform(0.012, 0.022, count) * px,
+            rng.uniform(0.008, 0.014, count) * px,
+            rng.uniform(0, math.pi, count),
+            rng.uniform(0.5, 0.8, count),
+            0.3,
+            rng.uniform(0, 6.3, count),
+        )
     eosin *= 1 - 0.95 * lumens
 
     haematoxylin = nuclei + 0.05 + 0.02 * _smooth_noise(rng, size, 0.04)
@@ -422,8 +447,9 @@ def _curve(points_x: np.ndarray, points_y: np.ndarray, r0: float, r1: float):
     return points_x, points_y, np.linspace(r0, r1, points_x.size)
 
 
-def _vessel_tree(rng: np.random.Generator, disc: tuple[float, float], macula: tuple[float, float], eye: int,
-                 start: float, px: float):
+def _vessel_tree(
+    rng: np.random.Generator, disc: tuple[float, float], macula: tuple[float, float], eye: int, start: float, px: float
+):
     """Vessel samples (anatomy units): two arcades curving round the macula, nasal vessels, side branches."""
     (disc_x, disc_y), (mac_x, mac_y) = disc, macula
     phi0 = math.atan2(disc_y - mac_y, disc_x - mac_x)
@@ -446,15 +472,17 @@ def _vessel_tree(rng: np.random.Generator, disc: tuple[float, float], macula: tu
                 length = rng.uniform(0.2, 0.4)
                 s = np.linspace(0, length, int(length * px / 0.4) + 2)
                 turn = heading + rng.uniform(-1.0, 1.0) * s
-                pieces.append(_curve(arc_x[i] + s * np.cos(turn), arc_y[i] + s * np.sin(turn), calibre * 0.6,
-                                     calibre * 0.35))
+                pieces.append(
+                    _curve(arc_x[i] + s * np.cos(turn), arc_y[i] + s * np.sin(turn), calibre * 0.6, calibre * 0.35)
+                )
     for _ in range(rng.integers(2, 5)):  # nasal vessels run straighter, away from the macula
         heading = rng.uniform(0.25, 1.1) * rng.choice([-1, 1])
         length = rng.uniform(0.45, 0.75)
         s = np.linspace(start, length, int(length * px / 0.4) + 2)
         bend = rng.uniform(-0.5, 0.5)
-        pieces.append(_curve(disc_x + eye * s * np.cos(heading + bend * s), disc_y + s * np.sin(heading + bend * s),
-                             0.024, 0.012))
+        pieces.append(
+            _curve(disc_x + eye * s * np.cos(heading + bend * s), disc_y + s * np.sin(heading + bend * s), 0.024, 0.012)
+        )
     return (np.concatenate(parts) for parts in zip(*pieces, strict=True))
 
 
@@ -503,8 +531,16 @@ def _render_ophthalmology(findings: Sequence[str], size: int, rng: np.random.Gen
         far = np.hypot(bx - disc_x, by - disc_y) > 1.6 * disc_r
         bx, by = bx[far][:count], by[far][:count]
         radius = rng.uniform(0.045, 0.08, bx.size) * px
-        _stamp(blots, *pose.to_pixels(bx, by), radius, radius * rng.uniform(0.45, 0.9, bx.size),
-               rng.uniform(0, math.pi, bx.size), rng.uniform(0.8, 0.95, bx.size), 0.08, rng.uniform(0, 6.3, bx.size))
+        _stamp(
+            blots,
+            *pose.to_pixels(bx, by),
+            radius,
+            radius * rng.uniform(0.45, 0.9, bx.size),
+            rng.uniform(0, math.pi, bx.size),
+            rng.uniform(0.8, 0.95, bx.size),
+            0.08,
+            rng.uniform(0, 6.3, bx.size),
+        )
         rgb = _blend(rgb, (0.3, 0.02, 0.02), blots)
 
     rgb += 0.012 * rng.standard_normal((size, size, 3))
@@ -537,146 +573,245 @@ def render_phantom(modality: str, findings: Sequence[str], size: int, rng: np.ra
 _SENTENCES: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "radiology": {
         "cardiomegaly": (
-            ("The heart is enlarged.", "Cardiomegaly is present.", "The cardiac silhouette is enlarged.",
-             "There is cardiomegaly.", "Moderate cardiomegaly."),
-            ("Heart size is normal.", "The heart is normal in size.", "The cardiac silhouette is within normal limits.",
-             "No cardiomegaly.", "Heart size is within normal limits."),
+            (
+                "The heart is enlarged.",
+                "Cardiomegaly is present.",
+                "The cardiac silhouette is enlarged.",
+                "There is cardiomegaly.",
+                "Moderate cardiomegaly.",
+            ),
+            (
+                "Heart size is normal.",
+                "The heart is normal in size.",
+                "The cardiac silhouette is within normal limits.",
+                "No cardiomegaly.",
+                "Heart size is within normal limits.",
+            ),
         ),
         "effusion": (
-            ("There is a pleural effusion.", "A small pleural effusion is present.",
-             "Blunting of the costophrenic angle is consistent with a pleural effusion.",
-             "Basilar opacity with a meniscus compatible with pleural effusion."),
-            ("No pleural effusion.", "There is no pleural effusion.", "No pleural effusion is seen.",
-             "The costophrenic angles are sharp without effusion."),
+            (
+                "There is a pleural effusion.",
+                "A small pleural effusion is present.",
+                "Blunting of the costophrenic angle is consistent with a pleural effusion.",
+                "Basilar opacity with a meniscus compatible with pleural effusion.",
+            ),
+            (
+                "No pleural effusion.",
+                "There is no pleural effusion.",
+                "No pleural effusion is seen.",
+                "The costophrenic angles are sharp without effusion.",
+            ),
         ),
         "pneumothorax": (
-            ("There is a pneumothorax.", "A pneumothorax is present.",
-             "Apical pneumothorax with a visible pleural line.", "Pneumothorax is seen."),
+            (
+                "There is a pneumothorax.",
+                "A pneumothorax is present.",
+                "Apical pneumothorax with a visible pleural line.",
+                "Pneumothorax is seen.",
+            ),
             ("No pneumothorax.", "There is no pneumothorax.", "No pneumothorax is seen."),
         ),
         "nodule": (
-            ("There is a nodule in the lung.", "A pulmonary nodule is present.",
-             "A small rounded nodular opacity is noted.", "There is a focal nodular density in the lung."),
+            (
+                "There is a nodule in the lung.",
+                "A pulmonary nodule is present.",
+                "A small rounded nodular opacity is noted.",
+                "There is a focal nodular density in the lung.",
+            ),
             ("No pulmonary nodules.", "No focal nodule or mass.", "There is no suspicious pulmonary nodule."),
         ),
     },
     "pathology": {
         "carcinoma": (
-            ("Sheets of large atypical cells with hyperchromatic, pleomorphic nuclei are seen.",
-             "The nuclei are enlarged, crowded and irregular, consistent with carcinoma.",
-             "Invasive carcinoma with marked nuclear atypia is present.",
-             "There is a dense proliferation of atypical nuclei."),
-            ("No nuclear atypia is seen.", "There is no evidence of malignancy.",
-             "Nuclei are small and uniform without atypia.", "The glands are normal and regularly spaced."),
+            (
+                "Sheets of large atypical cells with hyperchromatic, pleomorphic nuclei are seen.",
+                "The nuclei are enlarged, crowded and irregular, consistent with carcinoma.",
+                "Invasive carcinoma with marked nuclear atypia is present.",
+                "There is a dense proliferation of atypical nuclei.",
+            ),
+            (
+                "No nuclear atypia is seen.",
+                "There is no evidence of malignancy.",
+                "Nuclei are small and uniform without atypia.",
+                "The glands are normal and regularly spaced.",
+            ),
         ),
         "inflammation": (
-            ("There is a dense lymphocytic infiltrate.", "Numerous small round inflammatory cells are present.",
-             "Chronic inflammation with many lymphocytes is seen.", "The stroma is infiltrated by inflammatory cells."),
-            ("No significant inflammation is seen.", "There is no inflammatory infiltrate.",
-             "Inflammatory cells are not increased."),
+            (
+                "There is a dense lymphocytic infiltrate.",
+                "Numerous small round inflammatory cells are present.",
+                "Chronic inflammation with many lymphocytes is seen.",
+                "The stroma is infiltrated by inflammatory cells.",
+            ),
+            (
+                "No significant inflammation is seen.",
+                "There is no inflammatory infiltrate.",
+                "Inflammatory cells are not increased.",
+            ),
         ),
         "necrosis": (
-            ("There is an area of necrosis with pale eosinophilic debris.", "Necrosis is present.",
-             "A focus of coagulative necrosis with nuclear debris is seen.",
-             "Part of the tissue shows pale acellular necrotic material."),
+            (
+                "There is an area of necrosis with pale eosinophilic debris.",
+                "Necrosis is present.",
+                "A focus of coagulative necrosis with nuclear debris is seen.",
+                "Part of the tissue shows pale acellular necrotic material.",
+            ),
             ("No necrosis is identified.", "There is no necrosis.", "Necrosis is not seen."),
         ),
     },
     "ophthalmology": {
         "glaucoma": (
-            ("The optic disc shows an enlarged cup-to-disc ratio.",
-             "Increased cupping of the optic nerve head, suspicious for glaucoma.",
-             "Glaucomatous optic disc cupping is present.", "The cup is large with a thin neuroretinal rim."),
-            ("The cup-to-disc ratio is normal.", "The optic disc appears healthy with a normal cup.",
-             "No glaucomatous cupping.", "No signs of glaucoma."),
+            (
+                "The optic disc shows an enlarged cup-to-disc ratio.",
+                "Increased cupping of the optic nerve head, suspicious for glaucoma.",
+                "Glaucomatous optic disc cupping is present.",
+                "The cup is large with a thin neuroretinal rim.",
+            ),
+            (
+                "The cup-to-disc ratio is normal.",
+                "The optic disc appears healthy with a normal cup.",
+                "No glaucomatous cupping.",
+                "No signs of glaucoma.",
+            ),
         ),
         "haemorrhage": (
-            ("There are scattered retinal haemorrhages.", "Dot and blot haemorrhages are seen in the posterior pole.",
-             "Several intraretinal haemorrhages are present."),
+            (
+                "There are scattered retinal haemorrhages.",
+                "Dot and blot haemorrhages are seen in the posterior pole.",
+                "Several intraretinal haemorrhages are present.",
+            ),
             ("No retinal haemorrhages.", "There are no haemorrhages.", "No haemorrhage is seen."),
         ),
         "drusen": (
-            ("Drusen are present near the macula.", "Multiple small yellow drusen are seen around the fovea.",
-             "There are macular drusen consistent with early AMD."),
+            (
+                "Drusen are present near the macula.",
+                "Multiple small yellow drusen are seen around the fovea.",
+                "There are macular drusen consistent with early AMD.",
+            ),
             ("No drusen are seen.", "The macula is clear without drusen.", "No macular drusen."),
         ),
     },
 }
 # Absences radiologists habitually report in one breath, used instead of two sentences half of the time.
 _JOINT_ABSENCES = {
-    "radiology": {("effusion", "pneumothorax"): ("There is no pleural effusion or pneumothorax.",
-                                                  "No pneumothorax or pleural effusion.")},
+    "radiology": {
+        ("effusion", "pneumothorax"): (
+            "There is no pleural effusion or pneumothorax.",
+            "No pneumothorax or pleural effusion.",
+        )
+    },
 }
 # Sentences about what no finding touches, so reports vary beyond their findings.
 _FILLER = {
-    "radiology": ("No acute bony abnormality.", "The visualized osseous structures are intact.",
-                  "There is no focal consolidation.", "Pulmonary vascularity is within normal limits.",
-                  "The trachea is midline.", "No free air under the diaphragm."),
-    "pathology": ("Hematoxylin and eosin stain, original magnification ×200.",
-                  "The section shows glandular tissue within a fibrous stroma.",
-                  "Representative micrograph of the lesion.", "The fibrous stroma is unremarkable."),
-    "ophthalmology": ("The retina is attached.", "The fundus is well visualised.", "The vitreous is clear.",
-                      "Fundus photograph of the posterior pole."),
+    "radiology": (
+        "No acute bony abnormality.",
+        "The visualized osseous structures are intact.",
+        "There is no focal consolidation.",
+        "Pulmonary vascularity is within normal limits.",
+        "The trachea is midline.",
+        "No free air under the diaphragm.",
+    ),
+    "pathology": (
+        "Hematoxylin and eosin stain, original magnification ×200.",
+        "The section shows glandular tissue within a fibrous stroma.",
+        "Representative micrograph of the lesion.",
+        "The fibrous stroma is unremarkable.",
+    ),
+    "ophthalmology": (
+        "The retina is attached.",
+        "The fundus is well visualised.",
+        "The vitreous is clear.",
+        "Fundus photograph of the posterior pole.",
+    ),
 }
 # Per finding: questions whose answer is yes when it is present, and ones whose answer is yes when it is absent.
 _QUESTIONS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "radiology": {
         "cardiomegaly": (
-            ("Is there evidence of cardiomegaly in this chest X-ray?", "Is the heart enlarged on this chest X-ray?",
-             "Does the chest X-ray show an enlarged cardiac silhouette?"),
-            ("Is the heart size within normal limits on this chest X-ray?",
-             "Does the cardiac silhouette appear normal in size?"),
+            (
+                "Is there evidence of cardiomegaly in this chest X-ray?",
+                "Is the heart enlarged on this chest X-ray?",
+                "Does the chest X-ray show an enlarged cardiac silhouette?",
+            ),
+            (
+                "Is the heart size within normal limits on this chest X-ray?",
+                "Does the cardiac silhouette appear normal in size?",
+            ),
         ),
         "effusion": (
-            ("Is there a pleural effusion on the chest X-ray?",
-             "Does the chest X-ray show blunting of a costophrenic angle?",
-             "Can a pleural effusion be seen in this image?"),
+            (
+                "Is there a pleural effusion on the chest X-ray?",
+                "Does the chest X-ray show blunting of a costophrenic angle?",
+                "Can a pleural effusion be seen in this image?",
+            ),
             ("Are the costophrenic angles sharp on this chest X-ray?", "Are the pleural spaces clear of fluid?"),
         ),
         "pneumothorax": (
-            ("Is a pneumothorax present on this chest X-ray?", "Does the chest X-ray show a pneumothorax?",
-             "Is there a visible pleural line suggesting pneumothorax?"),
+            (
+                "Is a pneumothorax present on this chest X-ray?",
+                "Does the chest X-ray show a pneumothorax?",
+                "Is there a visible pleural line suggesting pneumothorax?",
+            ),
             ("Are both lungs fully expanded on this chest X-ray?", "Is the chest X-ray free of pneumothorax?"),
         ),
         "nodule": (
-            ("Is there a pulmonary nodule on this chest X-ray?", "Does the chest X-ray show a focal nodular opacity?",
-             "Can a lung nodule be seen in this image?"),
+            (
+                "Is there a pulmonary nodule on this chest X-ray?",
+                "Does the chest X-ray show a focal nodular opacity?",
+                "Can a lung nodule be seen in this image?",
+            ),
             ("Are the lungs free of nodules on this chest X-ray?",),
         ),
     },
     "pathology": {
         "carcinoma": (
-            ("Does the image show atypical nuclei consistent with carcinoma?",
-             "Are there crowded, enlarged, hyperchromatic nuclei in this section?",
-             "Is carcinoma present in this tissue?"),
+            (
+                "Does the image show atypical nuclei consistent with carcinoma?",
+                "Are there crowded, enlarged, hyperchromatic nuclei in this section?",
+                "Is carcinoma present in this tissue?",
+            ),
             ("Are the nuclei small and uniform in this section?", "Is the tissue free of malignancy?"),
         ),
         "inflammation": (
-            ("Is there a dense inflammatory infiltrate in this section?",
-             "Are numerous lymphocytes present in the image?", "Does the tissue show chronic inflammation?"),
+            (
+                "Is there a dense inflammatory infiltrate in this section?",
+                "Are numerous lymphocytes present in the image?",
+                "Does the tissue show chronic inflammation?",
+            ),
             ("Is the stroma free of inflammatory cells?",),
         ),
         "necrosis": (
-            ("Is there necrosis in this tissue?", "Does the image show a pale acellular necrotic area?",
-             "Is coagulative necrosis present?"),
+            (
+                "Is there necrosis in this tissue?",
+                "Does the image show a pale acellular necrotic area?",
+                "Is coagulative necrosis present?",
+            ),
             ("Is the tissue free of necrosis?",),
         ),
     },
     "ophthalmology": {
         "glaucoma": (
-            ("Does the fundus image show an enlarged cup-to-disc ratio?",
-             "Is there glaucomatous cupping of the optic disc?",
-             "Does the patient show signs of glaucoma on this fundus photograph?"),
+            (
+                "Does the fundus image show an enlarged cup-to-disc ratio?",
+                "Is there glaucomatous cupping of the optic disc?",
+                "Does the patient show signs of glaucoma on this fundus photograph?",
+            ),
             ("Is the cup-to-disc ratio normal in this fundus image?",),
         ),
         "haemorrhage": (
-            ("Are retinal haemorrhages visible in this fundus image?",
-             "Does the fundus photograph show dot and blot haemorrhages?", "Is there retinal bleeding in this image?"),
+            (
+                "Are retinal haemorrhages visible in this fundus image?",
+                "Does the fundus photograph show dot and blot haemorrhages?",
+                "Is there retinal bleeding in this image?",
+            ),
             ("Is the retina free of haemorrhages?",),
         ),
         "drusen": (
-            ("Are drusen present near the macula?", "Does the fundus image show yellow drusen deposits?",
-             "Is there evidence of drusen in this fundus photograph?"),
+            (
+                "Are drusen present near the macula?",
+                "Does the fundus image show yellow drusen deposits?",
+                "Is there evidence of drusen in this fundus photograph?",
+            ),
             ("Is the macula free of drusen?",),
         ),
     },
@@ -723,8 +858,13 @@ def compose_questions(modality: str, findings: Sequence[str], n: int, rng: np.ra
         finding = names[order[k % len(names)]]
         answer = (k % 2 == 0) == first_yes
         asks_for_absence = (finding in findings) != answer
-        questions.append({"question": _pick(rng, _QUESTIONS[modality][finding][asks_for_absence]),
-                          "answer": answer, "finding": finding})
+        questions.append(
+            {
+                "question": _pick(rng, _QUESTIONS[modality][finding][asks_for_absence]),
+                "answer": answer,
+                "finding": finding,
+            }
+        )
     return questions
 
 
@@ -790,19 +930,29 @@ def make_phantoms(config: PhantomConfig) -> dict:
             text_rng = np.random.default_rng(text_seed)
             report = compose_report(modality, findings, text_rng)
             if split == "test":
-                by_split[split].append({"id": record_id, "report": report, "image_path": [relative], "split": split,
-                                        "modality": modality, "findings": findings})
-                for question in compose_questions(modality, findings, config.questions_per_image, text_rng):
-                    vqa.append({
-                        "question_id": len(vqa) + 1,
-                        "question": question["question"] + style[0],
-                        "answer": style[1] if question["answer"] else style[2],
-                        "image": relative,
+                by_split[split].append(
+                    {
+                        "id": record_id,
                         "report": report,
-                        "text": question["question"] + _OPTIONS,
+                        "image_path": [relative],
+                        "split": split,
                         "modality": modality,
-                        "finding": question["finding"],
-                    })
+                        "findings": findings,
+                    }
+                )
+                for question in compose_questions(modality, findings, config.questions_per_image, text_rng):
+                    vqa.append(
+                        {
+                            "question_id": len(vqa) + 1,
+                            "question": question["question"] + style[0],
+                            "answer": style[1] if question["answer"] else style[2],
+                            "image": relative,
+                            "report": report,
+                            "text": question["question"] + _OPTIONS,
+                            "modality": modality,
+                            "finding": question["finding"],
+                        }
+                    )
             else:
                 by_split[split].append(_retriever_record(modality, index, record_id, relative, report, split, findings))
             progress.update()
@@ -810,8 +960,10 @@ def make_phantoms(config: PhantomConfig) -> dict:
             path = out / "training" / "retriever" / modality / f"{modality}_{split}.json"
             atomic_write_text(path, _json_list(by_split[split]))
         atomic_write_text(out / "test" / "report" / f"{modality}_test.json", _json_list(by_split["test"]))
-        atomic_write_text(out / "test" / "vqa" / f"{modality}_test.jsonl",
-                          "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in vqa))
+        atomic_write_text(
+            out / "test" / "vqa" / f"{modality}_test.jsonl",
+            "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in vqa),
+        )
     progress.close()
 
     config_dict = asdict(config)
@@ -825,9 +977,14 @@ def make_phantoms(config: PhantomConfig) -> dict:
         "findings": {modality: list(FINDINGS[modality]) for modality in config.modalities},
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=4, ensure_ascii=False))
-    logger.info("wrote %d phantom images (%s) of %d px to %s in %.1f s", config.n,
-                ", ".join(f"{m}: {sum(c.values())}" for m, c in counts.items()), config.size, out,
-                time.perf_counter() - started)
+    logger.info(
+        "wrote %d phantom images (%s) of %d px to %s in %.1f s",
+        config.n,
+        ", ".join(f"{m}: {sum(c.values())}" for m, c in counts.items()),
+        config.size,
+        out,
+        time.perf_counter() - started,
+    )
     return manifest
 
 
@@ -837,8 +994,12 @@ def _image_of(record: Mapping) -> str:
     return image[0] if isinstance(image, list) else image
 
 
-def write_grid(out_png: str | Path, image_root: str | Path, records_by_modality: Mapping[str, Sequence[Mapping]],
-               per_modality: int = 8) -> Path:
+def write_grid(
+    out_png: str | Path,
+    image_root: str | Path,
+    records_by_modality: Mapping[str, Sequence[Mapping]],
+    per_modality: int = 8,
+) -> Path:
     """A contact sheet PNG: one row per modality, its first ``per_modality`` images titled with their findings."""
     # matplotlib is needed only here; importing it lazily keeps data generation light. Figure + Agg canvas
     # draws without touching pyplot's global backend.
@@ -853,8 +1014,9 @@ def write_grid(out_png: str | Path, image_root: str | Path, records_by_modality:
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(rows), columns, squeeze=False)
     for row, (modality, records) in enumerate(rows):
-        axes[row][0].text(-0.12, 0.5, modality, rotation=90, ha="right", va="center",
-                          transform=axes[row][0].transAxes, fontsize=9)
+        axes[row][0].text(
+            -0.12, 0.5, modality, rotation=90, ha="right", va="center", transform=axes[row][0].transAxes, fontsize=9
+        )
         for column, axis in enumerate(axes[row]):
             axis.set_axis_off()
             if column >= len(records):

@@ -107,7 +107,8 @@ class RetrievalSummary:
     index_dir: Path | None  # where the index came from (None: built in memory)
 
 
-def _device(name: str) -> str:
+def resolve_device(name: str) -> str:
+    """``auto`` is the GPU when there is one."""
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
@@ -121,7 +122,7 @@ def load_retriever(model_name_or_path: str, checkpoint_path: str | None, device:
     return Retriever(model, tokenizer, identity, preprocess)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -133,7 +134,7 @@ def cached_index(
     retriever: Retriever, corpus: Path, cache_root: Path, batch_size: int = 256
 ) -> tuple[ReportIndex, Path]:
     """The corpus index for ``retriever``, from ``cache_root`` if built before, else built and cached there."""
-    key = f"{retriever.identity.weights_sha256[:16]}-{_sha256(corpus)[:16]}"
+    key = f"{retriever.identity.weights_sha256[:16]}-{file_sha256(corpus)[:16]}"
     directory = cache_root / key
     try:
         index = ReportIndex.load(directory, retriever=retriever.identity, corpus=corpus)
@@ -183,7 +184,7 @@ def _done_keys(partial: Path) -> list:
 
 def retrieve(config: RetrieveConfig) -> RetrievalSummary:
     """Retrieve reports for every record of ``config.eval_json`` and write the original output format."""
-    device = _device(config.device)
+    device = resolve_device(config.device)
     output = Path(config.output_path)
     partial = output.with_name(output.name + PARTIAL_SUFFIX)
     try:

@@ -42,8 +42,12 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 MANIFEST_FILE = "manifest.json"
 # Weight files of an open_clip model directory, preferred first. Generic names such as pytorch_model.bin are left
 # out on purpose: in hub repos that also host a transformers CLIPModel they hold that model, not the open_clip one.
-_WEIGHT_FILES = (WEIGHTS_FILE, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
-                 "open_clip_pytorch_model.pth")
+_WEIGHT_FILES = (
+    WEIGHTS_FILE,
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+)
 _MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 
 
@@ -145,8 +149,9 @@ def create_clip(
     # load_weights=False and pretrained_text=False: open_clip builds the architecture only and fetches nothing;
     # the weights are loaded below, strictly.
     with _quiet_random_init_warning(enabled=weights is not None):
-        clip = open_clip.create_model(source.open_clip_name, load_weights=False, pretrained_text=False,
-                                      precision=precision, device=device)
+        clip = open_clip.create_model(
+            source.open_clip_name, load_weights=False, pretrained_text=False, precision=precision, device=device
+        )
     if weights is None:
         logger.info("Created %s with random weights (no checkpoint given).", model)
     else:
@@ -165,6 +170,7 @@ def _quiet_random_init_warning(enabled: bool):
     A user loading a fine-tuned retriever must not be told it is random: that is the very failure this module
     exists to prevent, and a false alarm teaches people to ignore the real one.
     """
+
     def keep(record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("No pretrained weights loaded for model")
 

@@ -242,13 +242,32 @@ class ReportIndex:
         if not entries:
             raise IndexBuildError(f"{corpus} holds no records: there is nothing to index for {modality}.")
         started = time.perf_counter()
-        embeddings = encode_texts(retriever.model, retriever.tokenizer, [entry.report for entry in entries],
-                                  batch_size=batch_size, progress=progress)
-        index, params = _new_faiss_index(kind, embeddings, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,
-                                         ef_construction=ef_construction, ef_search=ef_search)
+        embeddings = encode_texts(
+            retriever.model,
+            retriever.tokenizer,
+            [entry.report for entry in entries],
+            batch_size=batch_size,
+            progress=progress,
+        )
+        index, params = _new_faiss_index(
+            kind,
+            embeddings,
+            nlist=nlist,
+            nprobe=nprobe,
+            hnsw_m=hnsw_m,
+            ef_construction=ef_construction,
+            ef_search=ef_search,
+        )
         index.add(embeddings)
-        logger.info("Indexed %d unique reports of %d %s records (%s, %d dims) in %.1f s", len(entries), len(records),
-                    modality, kind, embeddings.shape[1], time.perf_counter() - started)
+        logger.info(
+            "Indexed %d unique reports of %d %s records (%s, %d dims) in %.1f s",
+            len(entries),
+            len(records),
+            modality,
+            kind,
+            embeddings.shape[1],
+            time.perf_counter() - started,
+        )
         manifest = {
             "format_version": FORMAT_VERSION,
             "modality": modality,
@@ -271,8 +290,10 @@ class ReportIndex:
         (directory / MANIFEST_FILE).unlink(missing_ok=True)
         with atomic_path(directory / INDEX_FILE) as tmp:
             faiss.write_index(self.index, str(tmp))
-        lines = (json.dumps({"row": e.row, "report": e.report, "ids": list(e.ids)}, ensure_ascii=False) + "\n"
-                 for e in self.entries)
+        lines = (
+            json.dumps({"row": e.row, "report": e.report, "ids": list(e.ids)}, ensure_ascii=False) + "\n"
+            for e in self.entries
+        )
         atomic_write_text(directory / REPORTS_FILE, "".join(lines))
         self.manifest["files"] = {name: _sha256_file(directory / name) for name in (INDEX_FILE, REPORTS_FILE)}
         atomic_write_text(directory / MANIFEST_FILE, json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")
@@ -364,8 +385,16 @@ def default_nlist(n: int) -> int:
     return max(1, min(round(4 * n**0.5), n // MIN_POINTS_PER_CENTROID))
 
 
-def _new_faiss_index(kind: str, embeddings: np.ndarray, *, nlist: int | None, nprobe: int, hnsw_m: int,
-                     ef_construction: int, ef_search: int) -> tuple[faiss.Index, dict]:
+def _new_faiss_index(
+    kind: str,
+    embeddings: np.ndarray,
+    *,
+    nlist: int | None,
+    nprobe: int,
+    hnsw_m: int,
+    ef_construction: int,
+    ef_search: int,
+) -> tuple[faiss.Index, dict]:
     """An empty (IVF: trained) inner-product index of ``kind`` for ``embeddings``, and its params."""
     n, dim = embeddings.shape
     if kind == "flat":
@@ -383,9 +412,14 @@ def _new_faiss_index(kind: str, embeddings: np.ndarray, *, nlist: int | None, np
             f"{n} unique reports. Use kind='flat' (exact, and fast at this size) or a smaller nlist."
         )
     if n < MIN_POINTS_PER_CENTROID * nlist:
-        logger.warning("IVF: %d reports for nlist=%d cells is fewer than %d per cell; the cells will be poorly "
-                       "placed (recall suffers). Consider kind='flat' or nlist <= %d.", n, nlist,
-                       MIN_POINTS_PER_CENTROID, max(1, n // MIN_POINTS_PER_CENTROID))
+        logger.warning(
+            "IVF: %d reports for nlist=%d cells is fewer than %d per cell; the cells will be poorly "
+            "placed (recall suffers). Consider kind='flat' or nlist <= %d.",
+            n,
+            nlist,
+            MIN_POINTS_PER_CENTROID,
+            max(1, n // MIN_POINTS_PER_CENTROID),
+        )
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.spherical = True  # unit-norm centroids: the cells of cosine similarity
     index.cp.min_points_per_centroid = 1  # too few points is warned about above, in our words

@@ -1,0 +1,132 @@
+"""``mmed-rag eval-retrieval``: does the retriever find each image's own report, and at what similarity?
+
+A query (an image of the evaluation file) is a hit at k when its ground-truth report is among the k reports
+retrieved for it: the same report text (exact match), or, when the evaluation file is the indexed corpus itself,
+the same record id. Chance is about k / (number of indexed reports). Besides recall@k, the similarity scores
+of the retrieved candidates are split into ground truth and the rest and drawn as two histograms
+(``similarity.png``): where they separate is where an absolute threshold, or the ratio rule, should cut.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mmed_rag.atomic import atomic_path, atomic_write_text
+from mmed_rag.config import ConfigError, save_config
+from mmed_rag.data.records import read_records
+from mmed_rag.retrieval.batch import INDEX_CACHE_DIR, cached_index, file_sha256, load_retriever, resolve_device
+from mmed_rag.retrieval.encode import encode_images
+from mmed_rag.retrieval.index import ReportIndex
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalRetrievalConfig:
+    """Arguments of ``mmed-rag eval-retrieval``."""
+
+    eval_json: str = field(metadata={"help": "records with ground-truth reports (VQA JSONL, report or retriever JSON)"})
+    img_root: str = field(metadata={"help": "image root of the records' image paths"})
+    out: str = field(metadata={"help": "directory for metrics.json and similarity.png"})
+    model_name_or_path: str = field(metadata={"help": "retriever: a save_clip directory or a name + checkpoint"})
+    checkpoint_path: str | None = field(default=None, metadata={"help": "fine-tuned weights to load into the model"})
+    index: str | None = field(default=None, metadata={"help": "a ReportIndex directory"})
+    train_json: str | None = field(default=None, metadata={"help": "the corpus, indexed (and cached) if no --index"})
+    ks: tuple[int, ...] = field(default=(1, 5, 10), metadata={"help": "recall cut-offs"})
+    batch_size: int = field(default=64, metadata={"help": "images encoded per batch"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+
+    def __post_init__(self) -> None:
+        if self.index is None and self.train_json is None:
+            raise ConfigError("give --index DIR (a built index) or --train-json FILE (the corpus to index)")
+        if not self.ks or min(self.ks) < 1:
+            raise ConfigError(f"ks: expected positive cut-offs, got {self.ks}")
+
+
+@dataclass
+class RetrievalScores:
+    recall: dict[int, float]  # k -> share of queries whose ground truth is in the top k
+    chance: dict[int, float]  # k -> what random ranking would give
+    queries: int
+    index_size: int
+    hit_scores: list[float]  # similarity of the ground truth, where it was retrieved
+    miss_scores: list[float]  # similarity of the other retrieved candidates
+
+
+def _hit_matrix(index: ReportIndex, rows: np.ndarray, truths: list[tuple[str, object]]) -> np.ndarray:
+    """hits[q, j]: candidate j of query q is query q's ground truth (same text, or same record id if given)."""
+    entries = index.lookup(rows)
+    return np.array(
+        [
+            [entry.report == text or (key is not None and key in entry.ids) for entry in candidates]
+            for candidates, (text, key) in zip(entries, truths, strict=True)
+        ],
+        dtype=bool,
+    ).reshape(rows.shape)
+
+
+def score_retrieval(index: ReportIndex, queries: np.ndarray, truths: list[tuple[str, object]], ks) -> RetrievalScores:
+    """Recall@k of encoded ``queries`` whose ground truths are ``(report text, record id)`` pairs."""
+    scores, rows = index.search(queries, max(ks))
+    hits = _hit_matrix(index, rows, truths)
+    recall = {k: float(hits[:, :k].any(axis=1).mean()) if len(hits) else 0.0 for k in ks}
+    chance = {k: min(1.0, k / index.size) for k in ks}
+    return RetrievalScores(recall, chance, len(queries), index.size, scores[hits].tolist(), scores[~hits].tolist())
+
+
+def _plot(scores: RetrievalScores, out_png: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    values = scores.hit_scores + scores.miss_scores
+    bins = np.linspace(min(values), max(values), 40) if values else 10
+    axis.hist(scores.miss_scores, bins=bins, alpha=0.6, density=True, label="other retrieved reports")
+    axis.hist(scores.hit_scores, bins=bins, alpha=0.6, density=True, label="ground-truth report")
+    axis.set_xlabel("cosine similarity (image, report)")
+    axis.set_ylabel("density")
+    recall = ", ".join(f"R@{k} {value:.2f}" for k, value in scores.recall.items())
+    axis.set_title(f"{scores.queries} queries, {scores.index_size} reports: {recall}", fontsize=9)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_path(out_png) as tmp:
+        figure.savefig(tmp, format="png")
+
+
+def eval_retrieval(config: EvalRetrievalConfig) -> RetrievalScores:
+    """Score the retriever on ``config.eval_json``; write ``metrics.json``, ``similarity.png`` and the config."""
+    out = Path(config.out)
+    device = resolve_device(config.device)
+    retriever = load_retriever(config.model_name_or_path, config.checkpoint_path, device)
+    if config.index is not None:
+        index = ReportIndex.load(config.index, retriever=retriever.identity, corpus=config.train_json)
+    else:
+        index, _ = cached_index(retriever, Path(config.train_json), out / INDEX_CACHE_DIR)
+    records = [record for record in read_records(config.eval_json).records if getattr(record, "report", None)]
+    if not records:
+        raise ConfigError(f"{config.eval_json}: no record has a ground-truth 'report' to evaluate against")
+    queries = encode_images(
+        retriever.model,
+        retriever.preprocess,
+        config.img_root,
+        [record.image_paths[0] for record in records],
+        batch_size=config.batch_size,
+    )
+    # Record ids identify the ground truth only when the evaluation file is the indexed corpus itself (ids of
+    # different files can collide: PMC-OA uses 0, 1, 2, ...).
+    same_file = file_sha256(Path(config.eval_json)) == index.manifest["corpus"]["sha256"]
+    truths = [(record.report, record.key if same_file else None) for record in records]
+    scores = score_retrieval(index, queries, truths, config.ks)
+    save_config(config, out)
+    metrics = {"recall": scores.recall, "chance": scores.chance, "queries": scores.queries, "index_size": index.size}
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    _plot(scores, out / "similarity.png")
+    logger.info("Recall %s (chance %s) over %d queries", scores.recall, scores.chance, scores.queries)
+    return scores
