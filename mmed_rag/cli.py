@@ -117,6 +117,20 @@ def _run_eval_retrieval(config) -> int:
     return 0
 
 
+def _finetune_config() -> type:
+    from mmed_rag.retrieval.finetune import FinetuneConfig
+
+    return FinetuneConfig
+
+
+def _run_finetune(config) -> int:
+    from mmed_rag.retrieval.finetune import finetune_clip
+
+    retriever = finetune_clip(config)
+    print(f"fine-tuned {config.dataset_type} retriever: {retriever}")
+    return 0
+
+
 STAGES = (
     Stage(
         "validate-data",
@@ -126,6 +140,12 @@ STAGES = (
     ),
     Stage(
         "make-phantoms", "write the procedural phantom data set in the release layout", _phantom_config, _run_phantoms
+    ),
+    Stage(
+        "finetune-clip",
+        "fine-tune one modality's CLIP retriever on image-report pairs",
+        _finetune_config,
+        _run_finetune,
     ),
     Stage(
         "build-index",

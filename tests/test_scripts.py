@@ -90,3 +90,41 @@ def test_retrieve_clip_report_with_a_clip_threshold(data):
     written = lines(out)
     assert written and all(1 <= line["retrieve_k"] <= 4 for line in written)
     assert all("image_path" in line and "reference_reports" in line for line in written)
+
+
+def test_finetune_clip_with_the_original_flags_then_resume(data):
+    arguments = [
+        "--model",
+        "tiny-clip-rn",
+        "--train-data",
+        data / "data/training/retriever/radiology/radiology_train.json",
+        "--val-data",
+        data / "data/training/retriever/radiology/radiology_val.json",
+        "--dataset-type",
+        "radiology",
+        "--img_root",
+        data / "data/images",
+        "--batch-size",
+        8,
+        "--precision",
+        "amp",
+        "--workers",
+        0,
+        "--lr",
+        0.001,
+        "--val-frequency",
+        1,
+        "--report-to",
+        "tensorboard",
+        "--logs",
+        data / "runs",
+    ]
+    first = run_script("finetune_clip.sh", *arguments, "--epochs", 1)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = run_script("finetune_clip.sh", *arguments, "--epochs", 2)
+    assert second.returncode == 0, second.stderr[-2000:]
+    epochs = [line["epoch"] for line in lines(data / "runs/radiology/metrics.jsonl") if line.get("split") == "val"]
+    assert epochs == [1, 2]
+    manifest = json.loads((data / "runs/radiology/best/manifest.json").read_text())
+    assert manifest["modality"] == "radiology" and manifest["trained_on"]["precision"] == "fp32"
+    assert any((data / "runs/radiology/tensorboard").iterdir())

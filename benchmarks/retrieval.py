@@ -1,0 +1,225 @@
+"""Retrieval speed and approximate-search quality, measured side by side in one run; prints one table.
+
+    python benchmarks/retrieval.py [--quick] [--model tiny-clip|RN50] [--reports N] [--queries N]
+
+1. Repeat-run batch retrieval: ``retrieve`` with its persisted index (a second run: load the index, encode the
+   queries, search, write) against the original approach on every run (encode the whole report corpus, encode
+   the queries, matmul + top-k, write); same retriever, same data, retrieved reports compared one by one.
+2. Search alone: FAISS exact inner product against torch matmul + top-k, ``--search-size`` x ``--search-dim``.
+3. Encoding throughput: the index build against a bare ``model.encode_text`` loop over pre-tokenised tensors.
+4. Approximate indexes (IVF, HNSW): recall@10 against exact search and speed-up, on report embeddings of a tiny
+   retriever fine-tuned on phantoms for a few epochs (queries: phantom test images).
+
+The report corpus is the released pathology retriever file (../shared, 5,000 captions) when present, else
+phantom reports; query images are phantom radiographs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from mmed_rag.data.phantoms import PhantomConfig, make_phantoms
+from mmed_rag.data.records import read_retriever_train, read_vqa
+from mmed_rag.retrieval.batch import RetrieveConfig, load_retriever, retrieve
+from mmed_rag.retrieval.clip import create_clip, save_clip
+from mmed_rag.retrieval.encode import encode_images, encode_texts
+from mmed_rag.retrieval.finetune import FinetuneConfig, finetune_clip
+from mmed_rag.retrieval.index import ReportIndex, unique_reports
+
+RELEASE_CORPUS = (
+    Path(__file__).resolve().parents[2] / "shared/mmed-rag-release/training/retriever/pathology/pathology_train.json"
+)
+ROWS: list[tuple[str, str, str, str]] = []
+
+
+def row(what: str, ours: str, baseline: str, ratio: str) -> None:
+    ROWS.append((what, ours, baseline, ratio))
+    print(f"  {what}: {ours} vs {baseline} ({ratio})", flush=True)
+
+
+def timed(function, *args, **kwargs):
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - started
+
+
+def original_approach(model_dir: Path, corpus: Path, vqa: Path, images: Path, k: int, output: Path) -> list[list[str]]:
+    """What the released retrieve_clip_VQA.py does on every run (minus its encoding of every corpus image)."""
+    retriever = load_retriever(str(model_dir), None)
+    reports = [entry.report for entry in unique_reports(read_retriever_train(corpus).records)]
+    records = read_vqa(vqa).records
+    texts = torch.from_numpy(encode_texts(retriever.model, retriever.tokenizer, reports, progress=False))
+    queries = torch.from_numpy(
+        encode_images(retriever.model, retriever.preprocess, images, [r.image for r in records], progress=False)
+    )
+    top = (queries @ texts.T).topk(k, dim=1).indices.tolist()
+    retrieved = [[reports[i] for i in row] for row in top]
+    with open(output, "w", encoding="utf-8") as sink:
+        for record, chosen in zip(records, retrieved, strict=True):
+            line = {**record.to_dict(), "reference_reports": chosen, "retrieve_k": len(chosen)}
+            sink.write(json.dumps(line) + "\n")
+    return retrieved
+
+
+def repeat_run(work: Path, model_name: str, corpus: Path, n_queries: int) -> None:
+    data = work / "queries"
+    make_phantoms(
+        PhantomConfig(
+            out=str(data), n=int(n_queries / 0.2) + 3, size=64, modalities=("radiology",), questions_per_image=1
+        )
+    )
+    vqa, images = data / "test/vqa/radiology_test.jsonl", data / "images"
+    model, *_ = create_clip(model_name)
+    save_clip(model, work / "retriever", model_name)
+    config = RetrieveConfig(
+        eval_json=str(vqa),
+        output_path=str(work / "ours.jsonl"),
+        img_root=str(images),
+        train_json=str(corpus),
+        model_name_or_path=str(work / "retriever"),
+        fixed_k=5,
+        batch_size=64,
+    )
+    _, first = timed(retrieve, config)  # builds and caches the index
+    summary, ours = timed(retrieve, config)
+    original, baseline = timed(original_approach, work / "retriever", corpus, vqa, images, 5, work / "orig.jsonl")
+    mine = [json.loads(line)["reference_reports"] for line in open(summary.output_path, encoding="utf-8")]
+    same = sum(a == b for a, b in zip(mine, original, strict=True))
+    size = len(ReportIndex.load(summary.index_dir).entries)
+    row(
+        f"repeat-run retrieval, {model_name}, {size:,} reports x {len(mine)} queries (s)",
+        f"{ours:.2f}",
+        f"{baseline:.2f} original approach",
+        f"{baseline / ours:.1f}x faster; identical top-5: {same}/{len(mine)}",
+    )
+    row("  first run (builds + caches the index) (s)", f"{first:.2f}", "-", "-")
+
+
+def search_alone(size: int, dim: int, n_queries: int) -> None:
+    rng = np.random.default_rng(0)
+    corpus = rng.normal(size=(size, dim)).astype(np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    queries = corpus[rng.choice(size, n_queries, replace=False)] + 0.1 * rng.normal(size=(n_queries, dim)).astype(
+        np.float32
+    )
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    index = faiss.IndexFlatIP(dim)
+    index.add(corpus)
+    index.search(queries[:10], 10)  # warm-up
+    (_, faiss_ids), faiss_time = timed(index.search, queries, 10)
+    corpus_t, queries_t = torch.from_numpy(corpus), torch.from_numpy(queries)
+    (queries_t[:10] @ corpus_t.T).topk(10)
+    torch_result, torch_time = timed(lambda: (queries_t @ corpus_t.T).topk(10, dim=1))
+    same = float(np.mean(faiss_ids == torch_result.indices.numpy()))
+    row(
+        f"search alone, {size:,} x {dim}, {n_queries} queries, top-10 (s)",
+        f"{faiss_time:.3f} faiss exact",
+        f"{torch_time:.3f} torch matmul+topk",
+        f"{torch_time / faiss_time:.2f}x; same ids {same:.4f}",
+    )
+
+
+def encoding_throughput(work: Path, model_name: str, corpus: Path) -> None:
+    model, _, preprocess, tokenizer = create_clip(model_name)
+    save_clip(model, work / "enc-retriever", model_name)
+    reports = [entry.report for entry in unique_reports(read_retriever_train(corpus).records)]
+    tokens = [tokenizer(reports[i : i + 256]) for i in range(0, len(reports), 256)]
+
+    def bare():
+        with torch.no_grad():
+            for batch in tokens:
+                model.encode_text(batch, normalize=True)
+
+    bare()  # warm-up
+    _, bare_time = timed(bare)
+    _, build_time = timed(ReportIndex.build, work / "enc-retriever", corpus, "bench", batch_size=256, progress=False)
+    row(
+        f"encode {len(reports):,} reports, {model_name} (s)",
+        f"{build_time:.2f} index build",
+        f"{bare_time:.2f} bare encode_text",
+        f"{build_time / bare_time:.2f}x the bare loop",
+    )
+
+
+def approximate(work: Path, n_phantoms: int, epochs: int) -> None:
+    data = work / "trained"
+    make_phantoms(PhantomConfig(out=str(data), n=n_phantoms, size=64, modalities=("radiology",)))
+    corpus = data / "training/retriever/radiology/radiology_train.json"
+    retriever_dir = finetune_clip(
+        FinetuneConfig(
+            train_data=str(corpus),
+            val_data=str(data / "training/retriever/radiology/radiology_val.json"),
+            img_root=str(data / "images"),
+            dataset_type="radiology",
+            model="tiny-clip",
+            batch_size=32,
+            lr=1e-3,
+            warmup=10,
+            epochs=epochs,
+            workers=0,
+            logs=str(work / "logs"),
+            precision="fp32",
+        )
+    )
+    exact = ReportIndex.build(retriever_dir, corpus, "radiology", progress=False)
+    retriever = load_retriever(str(retriever_dir), None)
+    records = read_vqa(data / "test/vqa/radiology_test.jsonl").records
+    queries = encode_images(
+        retriever.model, retriever.preprocess, data / "images", [r.image for r in records], progress=False
+    )
+    queries = np.repeat(queries, max(1, 2000 // len(queries)), axis=0)
+    (_, exact_rows), exact_time = timed(exact.search, queries, 10)
+    for kind in ("ivf", "hnsw"):
+        approx = ReportIndex.build(retriever_dir, corpus, "radiology", kind, progress=False)
+        (_, rows), approx_time = timed(approx.search, queries, 10)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows.tolist(), exact_rows.tolist(), strict=True)])
+        row(
+            f"{kind} vs exact, {exact.size:,} trained-retriever reports, {len(queries)} queries (s)",
+            f"{approx_time:.4f} {kind}",
+            f"{exact_time:.4f} exact",
+            f"recall@10 {recall:.3f}, {exact_time / approx_time:.1f}x",
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller settings, under 3 minutes on 2 cores")
+    parser.add_argument("--model", default=None, help="retriever architecture for 1 and 3 (default: tiny-clip)")
+    parser.add_argument("--queries", type=int, default=None)
+    parser.add_argument("--search-size", type=int, default=None)
+    parser.add_argument("--search-dim", type=int, default=512)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    model = args.model or "tiny-clip"
+    queries = args.queries or (500 if args.quick else 1000)
+    search_size = args.search_size or 100_000
+    corpus = RELEASE_CORPUS
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        if not corpus.is_file():
+            make_phantoms(PhantomConfig(out=str(work / "corpus"), n=8000, size=32, modalities=("radiology",)))
+            corpus = work / "corpus/training/retriever/radiology/radiology_train.json"
+        print(f"corpus: {corpus}")
+        repeat_run(work, model, corpus, queries)
+        search_alone(search_size, args.search_dim, 1000)
+        encoding_throughput(work, model, corpus)
+        approximate(work, 1500 if args.quick else 6000, 3 if args.quick else 6)
+    width = max(len(r[0]) for r in ROWS)
+    print()
+    print(f"| {'measure':<{width}} | mmed-rag | baseline | ratio |")
+    print(f"|{'-' * (width + 2)}|---|---|---|")
+    for what, ours, baseline, ratio in ROWS:
+        print(f"| {what:<{width}} | {ours} | {baseline} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
