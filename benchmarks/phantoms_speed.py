@@ -1,6 +1,6 @@
 """How fast the phantom generator writes a data set (images, reports, questions, all files), per size.
 
-    python benchmarks/phantoms_speed.py --n 1000 --sizes 64 128
+python benchmarks/phantoms_speed.py --n 1000 --sizes 64 128
 """
 
 import argparse

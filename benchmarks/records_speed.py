@@ -1,6 +1,6 @@
 """What typed, validated reading costs over a bare ``json.load``, on the real release files (side by side).
 
-    python benchmarks/records_speed.py [--release ../shared/mmed-rag-release] [--repeat 5]
+python benchmarks/records_speed.py [--release ../shared/mmed-rag-release] [--repeat 5]
 """
 
 import argparse

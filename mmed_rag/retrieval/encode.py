@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -41,15 +42,25 @@ def encode_texts(
     batch_size: int = 256,
     progress: bool = True,
 ) -> np.ndarray:
-    """Embed ``texts`` (truncated by the tokenizer to the model's context length, 77 tokens for CLIP)."""
+    """Embed ``texts`` (truncated by the tokenizer to the model's context length, 77 tokens for CLIP).
+
+    open_clip's tokenizer is pure Python; the next batch is tokenised in a thread while the model encodes the
+    current one (torch releases the GIL), so tokenising costs little wall time on top of encoding.
+    """
     device = _device_of(model)
+    batches = [list(texts[start : start + batch_size]) for start in range(0, len(texts), batch_size)]
     chunks = []
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="encoding reports", unit="batch", disable=not progress or len(starts) < 2):
-        tokens = tokenizer(list(texts[start : start + batch_size])).to(device)
-        with _autocast(device):
-            features = model.encode_text(tokens, normalize=True)
-        chunks.append(features.float().cpu().numpy())
+    with ThreadPoolExecutor(max_workers=1) as tokenizing:
+        upcoming = tokenizing.submit(tokenizer, batches[0]) if batches else None
+        for index in tqdm(
+            range(len(batches)), desc="encoding reports", unit="batch", disable=not progress or len(batches) < 2
+        ):
+            tokens = upcoming.result().to(device)
+            if index + 1 < len(batches):
+                upcoming = tokenizing.submit(tokenizer, batches[index + 1])
+            with _autocast(device):
+                features = model.encode_text(tokens, normalize=True)
+            chunks.append(features.float().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, embedding_dim(model)), dtype=np.float32)
 
 
