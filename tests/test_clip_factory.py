@@ -26,8 +26,9 @@ REPORTS = ["The lungs are clear.", "Small right pleural effusion.", "Heart size 
 
 def images(preprocess, n=3):
     rng = np.random.default_rng(0)
-    return torch.stack([preprocess(Image.fromarray(rng.integers(0, 256, (80, 72, 3), dtype=np.uint8)))
-                        for _ in range(n)])
+    return torch.stack(
+        [preprocess(Image.fromarray(rng.integers(0, 256, (80, 72, 3), dtype=np.uint8))) for _ in range(n)]
+    )
 
 
 def embeddings(model, preprocess, tokenizer):
@@ -92,7 +93,10 @@ def test_save_and_load_round_trip_exactly(tmp_path, name):
     directory = save_clip(model, tmp_path / "retriever", name, extra_manifest={"modality": "radiology"})
 
     assert sorted(p.name for p in directory.iterdir()) == [
-        "manifest.json", "open_clip_config.json", "open_clip_model.safetensors"]  # no temporary files left
+        "manifest.json",
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+    ]  # no temporary files left
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["model_name"] == name and manifest["modality"] == "radiology"
     assert manifest["embed_dim"] == 64 and manifest["image_size"] == [64, 64] and manifest["context_length"] == 77
@@ -151,8 +155,7 @@ def test_hf_hub_name_without_a_local_copy_says_to_pass_a_path(tmp_path, no_netwo
         create_clip("hf-hub:thaottn/OpenCLIP-resnet50-CC12M", cache_dir=tmp_path / "empty-cache")
 
 
-def test_hf_hub_name_loads_from_the_local_cache_and_a_checkpoint_overrides_its_weights(tmp_path, trained,
-                                                                                       no_network):
+def test_hf_hub_name_loads_from_the_local_cache_and_a_checkpoint_overrides_its_weights(tmp_path, trained, no_network):
     # The original MMed-RAG passed its fine-tuned checkpoint as pretrained= with an hf-hub: name, which open_clip
     # ignores: it retrieved with the base model. Here the checkpoint wins.
     base, _, base_preprocess, base_tokenizer = tiny_clip(seed=0)
@@ -177,6 +180,15 @@ def test_missing_models_and_weights_are_named_in_the_error(tmp_path):
         create_clip("tiny-clip", checkpoint=tmp_path / "absent.pt")
     (tmp_path / "config-only").mkdir()
     (tmp_path / "config-only" / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": open_clip.get_model_config("tiny-clip")}))
+        json.dumps({"model_cfg": open_clip.get_model_config("tiny-clip")})
+    )
     with pytest.raises(ClipNotFoundError, match="no weights"):
         create_clip(str(tmp_path / "config-only"))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".bin", ".safetensors"])
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, suffix):
+    path = tmp_path / f"notes{suffix}"
+    path.write_text("hello world, these are notes, not weights")
+    with pytest.raises(ClipCheckpointError, match=r"notes\.(pt|bin|safetensors) is not a"):
+        create_clip("tiny-clip", checkpoint=path)

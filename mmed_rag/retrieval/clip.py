@@ -191,15 +191,22 @@ def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        state = load_file(path)
+        try:
+            state = load_file(path)
+        except Exception as error:  # safetensors raises its own SafetensorError (and OSError)
+            raise ClipCheckpointError(f"{path} is not a readable safetensors file: {error}") from None
     else:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
+            if "Weights only load failed" not in str(error):
+                raise ClipCheckpointError(f"{path} is not a PyTorch checkpoint: {error}") from None
             raise ClipCheckpointError(
                 f"{path} holds more than tensors and plain data, so it is not loaded (weights_only=True): "
                 f"re-save its state dict as safetensors. ({error})"
             ) from error
+        except (RuntimeError, KeyError, EOFError, ValueError) as error:
+            raise ClipCheckpointError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {error})") from None
         state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ClipCheckpointError(f"{path} is not a CLIP state dict (a mapping of names to tensors).")
