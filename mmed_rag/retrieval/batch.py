@@ -15,7 +15,6 @@ original scripts:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,8 @@ from tqdm.auto import tqdm
 from mmed_rag.config import ConfigError
 from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image
 from mmed_rag.data.records import RetrievalRecord, read_records
+from mmed_rag.device import resolve_device
+from mmed_rag.fingerprint import file_sha256
 from mmed_rag.retrieval.clip import create_clip, resolve_clip
 from mmed_rag.retrieval.index import IndexMissingError, ReportIndex, Retriever, RetrieverIdentity
 from mmed_rag.retrieval.select import RULES, KSelection
@@ -107,11 +108,6 @@ class RetrievalSummary:
     index_dir: Path | None  # where the index came from (None: built in memory)
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` is the GPU when there is one."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def load_retriever(model_name_or_path: str, checkpoint_path: str | None, device: str = "cpu") -> Retriever:
     """The retriever of the original flags: a saved directory, or a model name plus fine-tuned weights."""
     model, _, preprocess, tokenizer = create_clip(model_name_or_path, checkpoint=checkpoint_path, device=device)
@@ -120,14 +116,6 @@ def load_retriever(model_name_or_path: str, checkpoint_path: str | None, device:
     else:
         identity = RetrieverIdentity.of_model(model, model_name_or_path)
     return Retriever(model, tokenizer, identity, preprocess)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cached_index(

@@ -19,7 +19,9 @@ import numpy as np
 from mmed_rag.atomic import atomic_path, atomic_write_text
 from mmed_rag.config import ConfigError, save_config
 from mmed_rag.data.records import read_records
-from mmed_rag.retrieval.batch import INDEX_CACHE_DIR, cached_index, file_sha256, load_retriever, resolve_device
+from mmed_rag.device import resolve_device
+from mmed_rag.fingerprint import file_sha256
+from mmed_rag.retrieval.batch import INDEX_CACHE_DIR, cached_index, load_retriever
 from mmed_rag.retrieval.encode import encode_images
 from mmed_rag.retrieval.index import ReportIndex
 

@@ -26,7 +26,6 @@ Layout of a run, ``<logs>/<name>/``::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -52,6 +51,8 @@ from mmed_rag.atomic import atomic_path, atomic_write_text
 from mmed_rag.config import ConfigError, config_to_dict, save_config
 from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image, resolve_image_path
 from mmed_rag.data.records import ImageReportRecord, read_retriever_train
+from mmed_rag.device import resolve_device
+from mmed_rag.fingerprint import file_sha256
 from mmed_rag.retrieval.clip import WEIGHTS_FILE, create_clip, load_clip_weights, save_clip
 from mmed_rag.retrieval.encode import encode_images, encode_texts
 
@@ -232,19 +233,11 @@ def check_images(img_root: str | os.PathLike, pairs: Sequence[Pair], data_file: 
         raise ImageLoadError(f"{data_file}: {len(missing)} image(s) not found under {img_root}: {listed}")
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_records(path: str) -> tuple[list[ImageReportRecord], dict]:
     records = read_retriever_train(path).records
     if not records:
         raise FinetuneError(f"{path} holds no records.")
-    return records, {"path": str(path), "sha256": _sha256(path), "records": len(records)}
+    return records, {"path": str(path), "sha256": file_sha256(path), "records": len(records)}
 
 
 # -- metrics -------------------------------------------------------------------------------------------------
@@ -382,12 +375,6 @@ def epoch_loader(dataset: Dataset, batch_size: int, config: FinetuneConfig, epoc
         num_workers=config.workers,
         pin_memory=pin_memory,
     )
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _autocast(device: torch.device, precision: str):
@@ -616,7 +603,7 @@ def finetune_clip(config: FinetuneConfig) -> Path:
         raise FinetuneError(
             f"run name {config.run_dir.name!r}: expected a plain directory name (letters, digits, _.-)."
         )
-    device, precision = _resolve_device(config.device), config.precision
+    device, precision = resolve_device(config.device), config.precision
     if precision == "amp" and device.type != "cuda":
         logger.info("precision=amp needs CUDA; training in fp32 on %s.", device)
         precision = "fp32"

@@ -43,6 +43,8 @@ from safetensors.torch import save as safetensors_bytes
 from mmed_rag.atomic import atomic_path, atomic_write_text
 from mmed_rag.config import ConfigError, save_config
 from mmed_rag.data.records import ImageReportRecord, read_retriever_train
+from mmed_rag.device import resolve_device
+from mmed_rag.fingerprint import file_sha256
 from mmed_rag.retrieval.clip import LOCAL_DIR_PREFIX, MANIFEST_FILE, create_clip, resolve_clip
 from mmed_rag.retrieval.encode import embedding_dim, encode_texts
 
@@ -102,7 +104,7 @@ class RetrieverIdentity:
         manifest_path = directory / MANIFEST_FILE
         manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
         return cls(
-            weights_sha256=_sha256_file(source.weights),
+            weights_sha256=file_sha256(source.weights),
             embed_dim=int(source.model_cfg["embed_dim"]),
             model_name=manifest.get("model_name", str(retriever)),
             manifest=manifest,
@@ -236,7 +238,7 @@ class ReportIndex:
         if not isinstance(retriever, Retriever):
             retriever = Retriever.load(retriever, device=device)
         corpus = Path(corpus)
-        corpus_sha256 = _sha256_file(corpus)
+        corpus_sha256 = file_sha256(corpus)
         records = read_retriever_train(corpus).records
         entries = unique_reports(records)
         if not entries:
@@ -295,7 +297,7 @@ class ReportIndex:
             for e in self.entries
         )
         atomic_write_text(directory / REPORTS_FILE, "".join(lines))
-        self.manifest["files"] = {name: _sha256_file(directory / name) for name in (INDEX_FILE, REPORTS_FILE)}
+        self.manifest["files"] = {name: file_sha256(directory / name) for name in (INDEX_FILE, REPORTS_FILE)}
         atomic_write_text(directory / MANIFEST_FILE, json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")
         logger.info("Saved %r to %s", self, directory)
         return directory
@@ -479,7 +481,7 @@ def _read_manifest(directory: Path) -> dict:
         if not file.is_file():
             raise IndexMissingError(f"{directory} has a manifest but no {name}; rebuild the index.")
         expected = manifest.get("files", {}).get(name)
-        actual = _sha256_file(file)
+        actual = file_sha256(file)
         if actual != expected:
             raise IndexCorruptError(
                 f"{file} was changed or replaced after the index was written (sha256 {actual[:12]}..., manifest says "
@@ -513,7 +515,7 @@ def _check_retriever(directory: Path, manifest: dict, retriever: Any) -> None:
 
 def _check_corpus(directory: Path, manifest: dict, corpus: Path) -> None:
     indexed = manifest["corpus"]
-    actual = _sha256_file(corpus)
+    actual = file_sha256(corpus)
     if actual != indexed["sha256"]:
         raise IndexMismatchError(
             f"{corpus} is not the corpus {directory} was built from ({indexed['path']}, {indexed['records']} "
@@ -536,14 +538,6 @@ def _read_entries(path: Path) -> list[IndexedReport]:
             raise IndexCorruptError(f"{path}, line {number}: row {entry.row}, expected {len(entries)}")
         entries.append(entry)
     return entries
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -592,9 +586,7 @@ class BuildIndexConfig:
 
 def build_index(config: BuildIndexConfig) -> ReportIndex:
     """Build the report index of ``config.modality`` and write it, with ``config.yaml``, to ``config.out``."""
-    device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(config.device)
     index = ReportIndex.build(
         config.retriever,
         config.corpus,
