@@ -1,0 +1,1 @@
+"""Domain identification: which modality an image is, so it is routed to the right retriever."""

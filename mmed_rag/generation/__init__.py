@@ -1,0 +1,1 @@
+"""Prompt building, generation and checkpoint conversion for the vision-language model."""
