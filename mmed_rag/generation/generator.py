@@ -1,0 +1,234 @@
+"""The vision-language generator: any transformers image-text-to-text model from a local directory.
+
+LLaVA-Med-1.5 (converted with ``convert-llava-med``) is the reference, but nothing here is LLaVA-specific: the
+model and processor come from ``AutoModelForImageTextToText`` / ``AutoProcessor``, and prompts go through the
+processor's own chat template. A prompt is MMed-RAG's human turn: text in which each ``<image>`` marker stands for
+one image, in order (DAMON prompts carry a current and a prior study). The markers become image parts of a chat
+message, so each model's template renders its own image tokens.
+
+Batches are left-padded, so batched greedy decoding gives the same text as decoding one prompt at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+
+from mmed_rag.config import ConfigError
+from mmed_rag.data.records import IMAGE_TOKEN
+from mmed_rag.device import resolve_device
+
+logger = logging.getLogger(__name__)
+
+# Written by convert-llava-med: how the original preprocessed images before CLIP (LLaVA's image_aspect_ratio).
+PREPROCESSING_FILE = "mmed_rag_preprocessing.json"
+
+
+class GeneratorError(ValueError):
+    """A model directory, adapter or prompt that cannot be used for generation."""
+
+
+@dataclass
+class GeneratorConfig:
+    """How to load and run the generator; the defaults are greedy decoding, as MMed-RAG evaluates."""
+
+    model: str = field(default="", metadata={"help": "local model directory (AutoModelForImageTextToText)"})
+    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter directory from preference tuning"})
+    max_new_tokens: int = field(default=128, metadata={"help": "generated tokens at most"})
+    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    stop_strings: tuple[str, ...] = field(default=(), metadata={"help": "stop generating at any of these"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "auto: bfloat16 (or float16) on GPU, float32 on CPU"}
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+    seed: int = field(default=0, metadata={"help": "seed for sampling"})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "run code shipped with the model directory (only for models you trust)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("max_new_tokens and batch_size must be at least 1")
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def pad_to_square(image: Image.Image, background: Sequence[int]) -> Image.Image:
+    """LLaVA's ``expand2square``: centre the image on a square of the background colour (the image mean)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), tuple(background))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def to_message_content(prompt: str) -> list[dict]:
+    """Split a human turn at its ``<image>`` markers into chat-template parts.
+
+    A marker and the newline right after it become one image part, as LLaVA writes ``<image>\\n`` before the
+    text; the LLaVA-Med template renders an image part back as ``<image>\\n``, so the prompt is unchanged.
+    """
+    parts: list[dict] = []
+    for index, text in enumerate(prompt.split(IMAGE_TOKEN)):
+        if index > 0:
+            parts.append({"type": "image"})
+            text = text.removeprefix("\n")
+        if text:
+            parts.append({"type": "text", "text": text})
+    return parts
+
+
+class Generator:
+    """A loaded model + processor that turns (prompt, images) pairs into text, in batches."""
+
+    def __init__(self, model, processor, config: GeneratorConfig, background: Sequence[int] | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.config = config
+        self.background = background  # pad-to-square colour, when the model was trained that way
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"  # generation appends on the right: pad on the left
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @classmethod
+    def load(cls, config: GeneratorConfig) -> Generator:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        directory = Path(config.model)
+        if not (directory / "config.json").is_file():
+            raise GeneratorError(f"{directory} is not a model directory (no config.json); pass a local path")
+        device = resolve_device(config.device)
+        try:
+            processor = AutoProcessor.from_pretrained(directory, trust_remote_code=config.trust_remote_code)
+        except (OSError, ValueError, TypeError) as error:
+            raise GeneratorError(
+                f"{directory} has no usable processor (tokenizer + image processor): {error}"
+            ) from None
+        if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+            raise GeneratorError(
+                f"{directory}: AutoProcessor gave a {type(processor).__name__}, not a processor with a tokenizer and "
+                f"an image processor; save the model's processor into the directory (processor.save_pretrained)"
+            )
+        model = AutoModelForImageTextToText.from_pretrained(
+            directory, dtype=_dtype(config.dtype, device), trust_remote_code=config.trust_remote_code
+        ).to(device)
+        if config.adapter is not None:
+            model = _with_adapter(model, config.adapter)
+        background = None
+        preprocessing = directory / PREPROCESSING_FILE
+        if preprocessing.is_file():
+            settings = json.loads(preprocessing.read_text(encoding="utf-8"))
+            if settings.get("pad_to_square"):
+                background = settings["background"]
+        logger.info(
+            "Loaded generator %s (%s, %s)%s",
+            directory,
+            model.dtype,
+            device,
+            f" with adapter {config.adapter}" if config.adapter else "",
+        )
+        return cls(model, processor, config, background)
+
+    def render(self, prompt: str) -> str:
+        """The model's input text for one human turn: the chat template with the generation prompt."""
+        message = [{"role": "user", "content": to_message_content(prompt)}]
+        return self.processor.apply_chat_template(message, add_generation_prompt=True)
+
+    def _inputs(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]):
+        texts, flat_images = [], []
+        for position, (prompt, prompt_images) in enumerate(zip(prompts, images, strict=True)):
+            markers = prompt.count(IMAGE_TOKEN)
+            if markers != len(prompt_images):
+                raise GeneratorError(
+                    f"prompt {position} has {markers} {IMAGE_TOKEN} marker(s) but {len(prompt_images)} image(s) were "
+                    f"given; put one marker where each image belongs"
+                )
+            texts.append(self.render(prompt))
+            for image in prompt_images:
+                image = image.convert("RGB")
+                flat_images.append(pad_to_square(image, self.background) if self.background else image)
+        inputs = self.processor(text=texts, images=flat_images or None, padding=True, return_tensors="pt")
+        return inputs.to(self.model.device)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> list[str]:
+        """One answer per prompt; ``images[i]`` are the images of ``prompts[i]``, one per ``<image>`` marker."""
+        answers: list[str] = []
+        for start in range(0, len(prompts), self.config.batch_size):
+            batch = slice(start, start + self.config.batch_size)
+            inputs = self._inputs(prompts[batch], images[batch])
+            if self.config.do_sample:
+                torch.manual_seed(self.config.seed + start)
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=self.config.max_new_tokens,
+                do_sample=self.config.do_sample,
+                temperature=self.config.temperature if self.config.do_sample else None,
+                top_p=self.config.top_p if self.config.do_sample else None,
+                stopping_criteria=self._stopping(inputs["input_ids"].shape[1]),
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            new_tokens = output[:, inputs["input_ids"].shape[1] :]
+            answers += [self._trim(text) for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        return answers
+
+    def _stopping(self, prompt_length: int):
+        from transformers import StoppingCriteriaList
+
+        if not self.config.stop_strings:
+            return None
+        return StoppingCriteriaList([_StopOnStrings(self.tokenizer, self.config.stop_strings, prompt_length)])
+
+    def _trim(self, text: str) -> str:
+        for stop in self.config.stop_strings:
+            text = text.split(stop, 1)[0]
+        return text.strip()
+
+
+class _StopOnStrings:
+    """Stop each sequence once its decoded answer contains a stop string.
+
+    transformers' own ``stop_strings`` needs a tokenizer whose tokens decode with a static prefix, which
+    word-level and normalising tokenizers do not; decoding the (short) answer each step works with any tokenizer.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_length: int):
+        self.tokenizer, self.stop_strings, self.prompt_length = tokenizer, tuple(stop_strings), prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        answers = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        done = [any(stop in answer for stop in self.stop_strings) for answer in answers]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _with_adapter(model, adapter: str | os.PathLike):
+    """Attach a LoRA adapter saved by peft; a missing or corrupt one is an error naming it."""
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise GeneratorError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json)")
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=False)
+    except Exception as error:  # peft raises ValueError, KeyError, RuntimeError or safetensors errors
+        raise GeneratorError(f"cannot load the adapter {adapter}: {type(error).__name__}: {error}") from None
