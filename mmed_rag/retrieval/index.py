@@ -319,13 +319,7 @@ class ReportIndex:
         consistency is checked (files unchanged since the manifest, row counts, embedding width).
         """
         directory = Path(directory)
-        manifest = _read_manifest(directory)
-        if modality is not None and modality != manifest["modality"]:
-            raise IndexMismatchError(f"{directory} indexes {manifest['modality']} reports, not {modality}.")
-        if retriever is not None:
-            _check_retriever(directory, manifest, retriever)
-        if corpus is not None:
-            _check_corpus(directory, manifest, Path(corpus))
+        manifest = cls.validate(directory, retriever, corpus, modality)
         entries = _read_entries(directory / REPORTS_FILE)
         try:
             index = faiss.read_index(str(directory / INDEX_FILE))
@@ -343,6 +337,27 @@ class ReportIndex:
             )
         _apply_search_params(index, manifest["kind"], manifest["params"])
         return cls(index, entries, manifest, use_gpu=use_gpu)
+
+    @staticmethod
+    def validate(
+        directory: str | os.PathLike,
+        retriever: str | os.PathLike | Retriever | RetrieverIdentity | None = None,
+        corpus: str | os.PathLike | None = None,
+        modality: str | None = None,
+    ) -> dict:
+        """The checks of :meth:`load` that need only the manifest (cheap: no FAISS read); returns the manifest.
+
+        For start-up checks of many indexes, e.g. by the modality router.
+        """
+        directory = Path(directory)
+        manifest = _read_manifest(directory)
+        if modality is not None and modality != manifest["modality"]:
+            raise IndexMismatchError(f"{directory} indexes {manifest['modality']} reports, not {modality}.")
+        if retriever is not None:
+            _check_retriever(directory, manifest, retriever)
+        if corpus is not None:
+            _check_corpus(directory, manifest, Path(corpus))
+        return manifest
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best rows for each query: ``(scores [n, k] float32, rows [n, k] int64)``, best first.
