@@ -15,9 +15,7 @@ original scripts:
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,6 +29,7 @@ from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image
 from mmed_rag.data.records import RetrievalRecord, read_records
 from mmed_rag.device import resolve_device
 from mmed_rag.fingerprint import file_sha256
+from mmed_rag.resumable import append_lines, completed_keys, finish, open_partial
 from mmed_rag.retrieval.clip import create_clip, resolve_clip
 from mmed_rag.retrieval.index import IndexMissingError, ReportIndex, Retriever, RetrieverIdentity
 from mmed_rag.retrieval.select import RULES, KSelection
@@ -38,7 +37,6 @@ from mmed_rag.retrieval.select import RULES, KSelection
 logger = logging.getLogger(__name__)
 
 INDEX_CACHE_DIR = ".mmed-rag-index"
-PARTIAL_SUFFIX = ".partial"
 
 
 class RetrievalError(RuntimeError):
@@ -154,31 +152,12 @@ def _collate(items):
     return items
 
 
-def _done_keys(partial: Path) -> list:
-    """Keys of the records an interrupted run completed; a torn last line (killed mid-write) is cut off."""
-    if not partial.is_file():
-        return []
-    data = partial.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with open(partial, "r+b") as handle:
-            handle.truncate(len(complete))
-    keys = []
-    for line in complete.decode("utf-8").splitlines():
-        record = json.loads(line)
-        keys.append(record.get("question_id", record.get("id")))
-    return keys
-
-
 def retrieve(config: RetrieveConfig) -> RetrievalSummary:
     """Retrieve reports for every record of ``config.eval_json`` and write the original output format."""
     device = resolve_device(config.device)
     output = Path(config.output_path)
-    partial = output.with_name(output.name + PARTIAL_SUFFIX)
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with open(partial, "ab"):
-            pass
+        partial = open_partial(output)
     except OSError as error:
         raise RetrievalError(f"cannot write the output {output}: {error.strerror or error}") from None
 
@@ -193,7 +172,7 @@ def retrieve(config: RetrieveConfig) -> RetrievalSummary:
         index, index_dir = cached_index(retriever, Path(config.train_json), output.parent / INDEX_CACHE_DIR)
 
     records = read_records(config.eval_json, on_error=config.on_error).records
-    done = set(_done_keys(partial))
+    done = completed_keys(partial)
     todo = [record for record in records if record.key not in done]
     if done:
         logger.info("Resuming %s: %d record(s) done, %d to go", output, len(done), len(todo))
@@ -223,14 +202,15 @@ def retrieve(config: RetrieveConfig) -> RetrievalSummary:
             pixels = torch.stack([p for _, p in good]).to(device)
             queries = retriever.model.encode_image(pixels, normalize=True).float().cpu().numpy()
             scores, rows = index.search(queries, selection.k)
-            for (record, _), row_scores, entries in zip(good, scores, index.lookup(rows), strict=True):
-                kept = selection(row_scores)
-                line = RetrievalRecord(record, [entry.report for entry in entries[:kept]], kept).to_dict()
-                sink.write(json.dumps(line, ensure_ascii=False) + "\n")
-            sink.flush()
-            os.fsync(sink.fileno())
-    with open(partial, encoding="utf-8") as finished:
-        written = sum(1 for _ in finished)
-    os.replace(partial, output)
+            append_lines(
+                sink,
+                (
+                    RetrievalRecord(record, [entry.report for entry in entries[:kept]], kept).to_dict()
+                    for (record, _), kept, entries in zip(
+                        good, (selection(row) for row in scores), index.lookup(rows), strict=True
+                    )
+                ),
+            )
+    written = finish(output)
     logger.info("Wrote %d record(s) to %s (%d skipped)", written, output, len(skipped))
     return RetrievalSummary(output, written, len(done), skipped, index_dir)
