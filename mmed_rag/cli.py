@@ -131,6 +131,25 @@ def _run_finetune(config) -> int:
     return 0
 
 
+def _generate_config() -> type:
+    from mmed_rag.pipeline import PipelineConfig
+
+    return PipelineConfig
+
+
+def _run_generate(config) -> int:
+    from mmed_rag.pipeline import generate
+
+    summary = generate(config)
+    print(
+        f"wrote {summary.written} prediction(s) to {summary.output} ({summary.resumed} from an earlier run, "
+        f"{len(summary.skipped)} skipped)"
+    )
+    for problem in summary.skipped:
+        print(f"  skipped: {problem}")
+    return 0
+
+
 STAGES = (
     Stage(
         "validate-data",
@@ -164,6 +183,12 @@ STAGES = (
         "recall@k of a retriever and its similarity distribution",
         _eval_retrieval_config,
         _run_eval_retrieval,
+    ),
+    Stage(
+        "generate",
+        "answer a VQA or report test file with MMed-RAG (route, retrieve, prompt, generate)",
+        _generate_config,
+        _run_generate,
     ),
     Stage("demo", "run the smallest end-to-end path on generated data and report what it did", _demo_config, _run_demo),
 )

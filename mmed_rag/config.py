@@ -140,6 +140,21 @@ def save_config(config: Any, directory: str | Path, name: str = CONFIG_FILE_NAME
 # -- command line --------------------------------------------------------------------------------------------
 
 
+class _Switch(argparse.Action):
+    """``--flag`` sets True, ``--no-flag`` False.
+
+    argparse's BooleanOptionalAction decides by the ``--no-`` prefix of the option typed, so for a field named
+    ``no_retrieval`` it would read ``--no-retrieval`` as False.
+    """
+
+    def __init__(self, option_strings, dest, **kwargs):
+        self.negatives = [f"--no-{option[2:]}" for option in option_strings]
+        super().__init__([*option_strings, *self.negatives], dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string not in self.negatives)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--field`` option per dataclass field (plus ``--config FILE``).
 
@@ -171,7 +186,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if origin is Literal:
             kwargs["choices"] = typing.get_args(inner)
         elif inner is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["action"] = _Switch
         elif inner in (int, float):
             kwargs["type"] = inner
         if f.metadata.get("positional"):

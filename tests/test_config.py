@@ -85,3 +85,15 @@ class NeedsOut:
 def test_missing_required_field_names_the_option():
     with pytest.raises(ConfigError, match=r"missing required field\(s\) out \(give --out"):
         load_config(NeedsOut, overrides={"n": 2})
+
+
+@dataclass
+class Negated:
+    no_retrieval: bool = False
+
+
+def test_a_flag_named_no_something_is_true_when_given():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Negated)
+    assert config_from_args(Negated, parser.parse_args(["--no-retrieval"])).no_retrieval is True
+    assert config_from_args(Negated, parser.parse_args(["--no-no-retrieval"])).no_retrieval is False

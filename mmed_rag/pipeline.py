@@ -1,0 +1,251 @@
+"""MMed-RAG end to end: route → retrieve (+ select k) → build the prompt → generate.
+
+``MMedRAG.from_config(path)`` builds the pipeline from one YAML file (a :class:`PipelineConfig`); ``answer`` runs
+one example, ``run_file`` a whole VQA (JSONL) or report (JSON) test file, writing each input record plus
+``reference_reports``, ``retrieve_k``, ``modality`` and ``prediction`` as JSON lines. Files are processed like
+batch retrieval: results go to ``OUTPUT.partial`` batch by batch, a killed run resumes there, and the output
+appears only when complete.
+
+Two switches produce the answers that preference-pair construction and the copy-reliance analyses compare:
+``no_retrieval`` (the prompt without reference reports) and ``noised_image`` (the model sees MMed-RAG's noise
+image instead of the real one; retrieval still uses the real image, so the reports are those the real image
+retrieves, as in the paper's cross-modality pairs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mmed_rag.config import ConfigError, load_config, save_config
+from mmed_rag.data.images import load_image, noised_image
+from mmed_rag.data.records import ImageReportRecord, VQARecord, read_records
+from mmed_rag.device import resolve_device
+from mmed_rag.generation.generator import Generator, GeneratorConfig
+from mmed_rag.generation.prompts import build_prompt, clean_question
+from mmed_rag.resumable import append_lines, completed_keys, finish, open_partial
+from mmed_rag.retrieval.router import Router
+from mmed_rag.retrieval.select import RULES, KSelection
+
+logger = logging.getLogger(__name__)
+
+
+class PipelineError(RuntimeError):
+    """A record the pipeline cannot answer (no modality, bad image), or an unusable output path."""
+
+
+@dataclass
+class PipelineConfig:
+    """Everything ``mmed-rag generate`` needs; a YAML file in ``configs/generate/`` sets it."""
+
+    model: str = field(default="", metadata={"help": "generator: local image-text-to-text model directory"})
+    registry: str | None = field(
+        default=None, metadata={"help": "modality registry YAML (retriever + index per modality)"}
+    )
+    input: str | None = field(default=None, metadata={"help": "VQA test JSONL or report test JSON to answer"})
+    output: str | None = field(default=None, metadata={"help": "JSONL of records + reports + prediction"})
+    img_root: str = field(default=".", metadata={"help": "image root of the input's image paths"})
+    modality: str | None = field(
+        default=None, metadata={"help": "modality of every record (else the record's 'modality' field)"}
+    )
+    task: Literal["auto", "vqa", "report"] = field(
+        default="auto", metadata={"help": "auto: VQA for records with a question, else report generation"}
+    )
+    fixed_k: int = field(default=5, metadata={"help": "reports retrieved per image (the cap of adaptive rules)"})
+    clip_threshold: float | None = field(default=None, metadata={"help": "the original ratio rule's threshold"})
+    select_rule: Literal["fixed", "ratio", "gap", "absolute"] | None = field(
+        default=None, metadata={"help": f"selection rule ({', '.join(RULES)}); default: from fixed_k/clip_threshold"}
+    )
+    select_threshold: float | None = field(default=None, metadata={"help": "parameter of --select-rule"})
+    no_retrieval: bool = field(default=False, metadata={"help": "answer without reference reports"})
+    noised_image: bool = field(default=False, metadata={"help": "show the model a noise image instead (seeded)"})
+    noise_seed: int = field(default=0, metadata={"help": "seed of the noise images (mixed with each record's id)"})
+    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter from preference tuning"})
+    max_new_tokens: int = field(default=128, metadata={"help": "generated tokens at most"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "model dtype"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the model directory"})
+    on_error: Literal["raise", "skip"] = field(
+        default="raise", metadata={"help": "a record that cannot be answered: stop, or report and leave it out"}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.no_retrieval and self.registry is None:
+            raise ConfigError("give --registry (retriever + index per modality), or --no-retrieval")
+        self.selection()
+
+    def selection(self) -> KSelection:
+        if self.select_rule is None:
+            return KSelection.from_original_flags(self.fixed_k, self.clip_threshold)
+        return KSelection(self.select_rule, self.fixed_k, self.select_threshold)
+
+    def generator_config(self) -> GeneratorConfig:
+        return GeneratorConfig(
+            model=self.model,
+            adapter=self.adapter,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            dtype=self.dtype,
+            device=self.device,
+            trust_remote_code=self.trust_remote_code,
+        )
+
+
+@dataclass
+class Prediction:
+    text: str
+    modality: str
+    reference_reports: list[str]
+    prompt: str
+
+
+@dataclass
+class RunSummary:
+    output: Path
+    written: int
+    resumed: int
+    skipped: list[str]
+
+
+def _noise_for(image: Image.Image, key: object, seed: int) -> Image.Image:
+    """The noise image for one record: seeded by the config and the record's id, so reruns see the same one."""
+    return noised_image(image.size, seed=np.random.default_rng([seed, zlib.crc32(repr(key).encode())]))
+
+
+class MMedRAG:
+    """The pipeline: a generator, and (unless answering without retrieval) a router of modality retrievers."""
+
+    def __init__(self, config: PipelineConfig, generator: Generator, router: Router | None):
+        self.config = config
+        self.generator = generator
+        self.router = router
+        self.selection = config.selection()
+
+    @classmethod
+    def from_config(cls, config: str | os.PathLike | PipelineConfig, **overrides) -> MMedRAG:
+        """Build from a YAML file (or a config), with keyword overrides of its fields."""
+        if not isinstance(config, PipelineConfig):
+            config = load_config(PipelineConfig, config, overrides)
+        elif overrides:
+            config = load_config(PipelineConfig, None, {**config.__dict__, **overrides})
+        device = resolve_device(config.device)
+        router = None if config.no_retrieval else Router.from_registry(config.registry, device=device)
+        return cls(config, Generator.load(config.generator_config()), router)
+
+    # -- one example ------------------------------------------------------------------------------------------
+
+    def retrieve(self, image: Image.Image, modality: str) -> list[str]:
+        """The selected reference reports for ``image`` from ``modality``'s index (none without retrieval)."""
+        if self.router is None:
+            return []
+        retriever, index = self.router.get(modality)
+        pixels = retriever.preprocess(image).unsqueeze(0).to(next(retriever.model.parameters()).device)
+        with torch.no_grad():
+            query = retriever.model.encode_image(pixels, normalize=True).float().cpu().numpy()
+        scores, rows = index.search(query, self.selection.k)
+        kept = self.selection(scores[0])
+        return [entry.report for entry in index.lookup(rows)[0][:kept]]
+
+    def prepare(self, image: Image.Image, question: str | None, modality: str, key: object = None):
+        """(prompt, image shown to the model, reports) for one example."""
+        reports = self.retrieve(image, modality)
+        task = "vqa" if question else "report"
+        prompt = build_prompt(task, modality, clean_question(question) if question else None, reports)
+        shown = _noise_for(image, key, self.config.noise_seed) if self.config.noised_image else image
+        return prompt, shown, reports
+
+    def answer(self, image: str | os.PathLike | Image.Image, question: str | None = None, modality: str | None = None):
+        """Answer a question about an image (or, with no question, write its report)."""
+        modality = modality or self.config.modality
+        if modality is None:
+            raise PipelineError("give the image's modality (or set 'modality' in the config)")
+        if not isinstance(image, Image.Image):
+            path = Path(image)
+            image = load_image(path.parent, path.name)
+        prompt, shown, reports = self.prepare(image, question, modality, key=question)
+        text = self.generator.generate([prompt], [[shown]])[0]
+        return Prediction(text, modality, reports, prompt)
+
+    # -- a whole file -----------------------------------------------------------------------------------------
+
+    def _modality_of(self, record) -> str:
+        modality = self.config.modality or (record.extra.get("modality") if hasattr(record, "extra") else None)
+        if modality is None:
+            raise PipelineError("no modality: set --modality, or give records a 'modality' field")
+        return modality
+
+    def _question_of(self, record) -> str | None:
+        task = self.config.task
+        if task == "report" or (task == "auto" and isinstance(record, ImageReportRecord)):
+            return None
+        if not isinstance(record, VQARecord):
+            raise PipelineError(f"task 'vqa' needs questions, but record {record.key!r} has none")
+        return record.question
+
+    def run_file(self, input_path: str | os.PathLike, output_path: str | os.PathLike) -> RunSummary:
+        """Answer every record of a VQA or report test file; resumable; the output appears when complete."""
+        output = Path(output_path)
+        try:
+            partial = open_partial(output)
+        except OSError as error:
+            raise PipelineError(f"cannot write the output {output}: {error.strerror or error}") from None
+        records = read_records(input_path, on_error=self.config.on_error).records
+        done = completed_keys(partial)
+        todo = [record for record in records if record.key not in done]
+        skipped: list[str] = []
+        batch_size = self.generator.config.batch_size
+        with open(partial, "a", encoding="utf-8") as sink:
+            for start in tqdm(range(0, len(todo), batch_size), desc="generating", unit="batch"):
+                prepared = []
+                for record in todo[start : start + batch_size]:
+                    try:
+                        modality = self._modality_of(record)
+                        image = load_image(self.config.img_root, record.image_paths[0])
+                        prompt, shown, reports = self.prepare(image, self._question_of(record), modality, record.key)
+                    except (OSError, ValueError, KeyError, PipelineError) as error:
+                        message = f"{record.unique_key} {record.key!r}: {error}"
+                        if self.config.on_error == "raise":
+                            raise PipelineError(f"{input_path}: record {message}") from error
+                        logger.warning("skipping record %s", message)
+                        skipped.append(message)
+                        continue
+                    prepared.append((record, modality, prompt, shown, reports))
+                if not prepared:
+                    continue
+                texts = self.generator.generate([p[2] for p in prepared], [[p[3]] for p in prepared])
+                append_lines(
+                    sink,
+                    (
+                        {
+                            **record.to_dict(),
+                            "reference_reports": reports,
+                            "retrieve_k": len(reports),
+                            "modality": modality,
+                            "prediction": text,
+                        }
+                        for (record, modality, _, _, reports), text in zip(prepared, texts, strict=True)
+                    ),
+                )
+        written = finish(output)
+        logger.info("Wrote %d prediction(s) to %s (%d skipped)", written, output, len(skipped))
+        return RunSummary(output, written, len(done), skipped)
+
+
+def generate(config: PipelineConfig) -> RunSummary:
+    """``mmed-rag generate``: answer ``config.input`` into ``config.output``, saving the config beside it."""
+    if config.input is None or config.output is None:
+        raise ConfigError("give --input (a VQA JSONL or report JSON) and --output")
+    pipeline = MMedRAG.from_config(config)
+    summary = pipeline.run_file(config.input, config.output)
+    save_config(config, Path(config.output).parent, name=f"{Path(config.output).stem}.config.yaml")
+    return summary

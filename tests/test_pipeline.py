@@ -1,0 +1,145 @@
+"""The pipeline end to end on phantoms with tiny models: route, retrieve, prompt, generate, resume."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from mmed_rag.cli import main
+from mmed_rag.data.images import load_image
+from mmed_rag.data.phantoms import PhantomConfig, make_phantoms
+from mmed_rag.generation.generator import Generator
+from mmed_rag.pipeline import MMedRAG, PipelineConfig, PipelineError
+from mmed_rag.retrieval.clip import save_clip
+from mmed_rag.retrieval.index import ReportIndex
+from mmed_rag.testing import save_tiny_llava, tiny_clip
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    make_phantoms(PhantomConfig(out=str(root / "data"), n=60, size=64, modalities=("radiology", "pathology")))
+    registry = {"modalities": {}}
+    for seed, modality in enumerate(("radiology", "pathology")):
+        save_clip(tiny_clip(seed)[0], root / f"clip-{modality}", "tiny-clip")
+        corpus = root / f"data/training/retriever/{modality}/{modality}_train.json"
+        ReportIndex.build(root / f"clip-{modality}", corpus, modality, progress=False).save(root / f"index-{modality}")
+        registry["modalities"][modality] = {"retriever": f"clip-{modality}", "index": f"index-{modality}"}
+    (root / "registry.yaml").write_text(yaml.safe_dump(registry))
+    save_tiny_llava(root / "llava")
+    config = {
+        "model": str(root / "llava"),
+        "registry": str(root / "registry.yaml"),
+        "img_root": str(root / "data/images"),
+        "fixed_k": 2,
+        "max_new_tokens": 4,
+        "batch_size": 4,
+    }
+    (root / "generate.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_three_lines_of_python(setup):
+    rag = MMedRAG.from_config(setup / "generate.yaml")
+    prediction = rag.answer(setup / "data/images/radiology/rad_00000.png", "Is the heart enlarged?", "radiology")
+    assert isinstance(prediction.text, str) and len(prediction.reference_reports) == 2
+    assert prediction.prompt.startswith("<image>\nYou are provided with an X-ray image, a image-related question")
+    assert prediction.prompt.endswith("Question: Is the heart enlarged?")
+    assert all(report in prediction.prompt for report in prediction.reference_reports)
+
+
+def test_vqa_and_report_files(setup, tmp_path):
+    rag = MMedRAG.from_config(setup / "generate.yaml")
+    vqa = setup / "data/test/vqa/pathology_test.jsonl"
+    summary = rag.run_file(vqa, tmp_path / "vqa.jsonl")
+    inputs = [json.loads(line) for line in vqa.read_text().splitlines()]
+    outputs = lines(summary.output)
+    assert summary.written == len(inputs) == len(outputs)
+    for source, result in zip(inputs, outputs, strict=True):
+        assert {k: result[k] for k in source} == source  # the input record, unchanged
+        assert result["modality"] == "pathology" and isinstance(result["prediction"], str)
+        assert result["retrieve_k"] == len(result["reference_reports"]) == 2
+    reports = rag.run_file(setup / "data/test/report/radiology_test.json", tmp_path / "report.jsonl")
+    assert {line["modality"] for line in lines(reports.output)} == {"radiology"}
+
+
+def test_without_retrieval_and_with_the_noised_image(setup):
+    plain = MMedRAG.from_config(setup / "generate.yaml", no_retrieval=True)
+    assert plain.router is None
+    xray = load_image(setup / "data/images", "radiology/rad_00000.png")
+    prompt, shown, reports = plain.prepare(xray, "Is there an effusion?\n<image>", "radiology", key=1)
+    assert (
+        reports == []
+        and prompt == "Is there an effusion? Please choose from the following two options: [yes, no]\n<image>"
+    )
+    assert shown is xray
+    noised = MMedRAG.from_config(setup / "generate.yaml", noised_image=True, noise_seed=5)
+    _, first, reports = noised.prepare(xray, "Is there an effusion?", "radiology", key=1)
+    _, again, _ = noised.prepare(xray, "Is there an effusion?", "radiology", key=1)
+    _, other, _ = noised.prepare(xray, "Is there an effusion?", "radiology", key=2)
+    assert len(reports) == 2  # retrieval still uses the real image
+    assert first.size == xray.size and np.array_equal(np.asarray(first), np.asarray(again))
+    assert not np.array_equal(np.asarray(first), np.asarray(other)) and not np.array_equal(
+        np.asarray(first), np.asarray(xray)
+    )
+
+
+def test_killed_run_resumes(setup, tmp_path, monkeypatch):
+    vqa = setup / "data/test/vqa/radiology_test.jsonl"
+    expected = lines(MMedRAG.from_config(setup / "generate.yaml").run_file(vqa, tmp_path / "expected.jsonl").output)
+    real, calls = Generator.generate, []
+
+    def dies_on_second_batch(self, prompts, images):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, prompts, images)
+
+    monkeypatch.setattr(Generator, "generate", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        MMedRAG.from_config(setup / "generate.yaml").run_file(vqa, tmp_path / "out.jsonl")
+    monkeypatch.setattr(Generator, "generate", real)
+    summary = MMedRAG.from_config(setup / "generate.yaml").run_file(vqa, tmp_path / "out.jsonl")
+    assert summary.resumed == 4 and lines(summary.output) == expected
+
+
+def test_a_modality_with_no_index_is_named_or_skipped(setup, tmp_path):
+    records = [json.loads(line) for line in (setup / "data/test/vqa/radiology_test.jsonl").read_text().splitlines()]
+    records[1]["modality"] = "ophthalmology"
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(
+        PipelineError, match="question_id 2: .*no retriever and index registered for modality 'ophthalmology'"
+    ):
+        MMedRAG.from_config(setup / "generate.yaml").run_file(path, tmp_path / "out.jsonl")
+    summary = MMedRAG.from_config(setup / "generate.yaml", on_error="skip").run_file(path, tmp_path / "out2.jsonl")
+    assert len(summary.skipped) == 1 and summary.written == len(records) - 1
+
+
+def test_generate_command(setup, tmp_path, capsys):
+    output = tmp_path / "predictions.jsonl"
+    code = main(
+        [
+            "generate",
+            "--config",
+            str(setup / "generate.yaml"),
+            "--input",
+            str(setup / "data/test/vqa/radiology_test.jsonl"),
+            "--output",
+            str(output),
+            "--no-retrieval",
+        ]
+    )
+    assert code == 0 and all(line["retrieve_k"] == 0 for line in lines(output))
+    assert (tmp_path / "predictions.config.yaml").is_file()
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_config_needs_a_registry_or_no_retrieval():
+    with pytest.raises(ValueError, match="--registry"):
+        PipelineConfig(model="x")
