@@ -150,6 +150,24 @@ def _run_generate(config) -> int:
     return 0
 
 
+def _convert_config() -> type:
+    from mmed_rag.generation.convert import ConvertConfig
+
+    return ConvertConfig
+
+
+def _run_convert(config) -> int:
+    from mmed_rag.generation.convert import ConversionError, convert_llava_med
+
+    try:
+        destination = convert_llava_med(config)
+    except ConversionError as error:
+        print(f"mmed-rag convert-llava-med: {error}", file=sys.stderr)
+        return 1
+    print(f"converted {config.src} -> {destination} (transformers LlavaForConditionalGeneration + processor)")
+    return 0
+
+
 STAGES = (
     Stage(
         "validate-data",
@@ -183,6 +201,12 @@ STAGES = (
         "recall@k of a retriever and its similarity distribution",
         _eval_retrieval_config,
         _run_eval_retrieval,
+    ),
+    Stage(
+        "convert-llava-med",
+        "convert an original llava-med-v1.5 checkpoint into a transformers LLaVA directory",
+        _convert_config,
+        _run_convert,
     ),
     Stage(
         "generate",

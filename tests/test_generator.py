@@ -1,6 +1,5 @@
 """The generator: batched = one-by-one greedy, several images per prompt, adapters, and bad inputs."""
 
-import json
 import shutil
 
 import numpy as np
@@ -9,11 +8,9 @@ import torch
 from PIL import Image
 
 from mmed_rag.generation.generator import (
-    PREPROCESSING_FILE,
     Generator,
     GeneratorConfig,
     GeneratorError,
-    pad_to_square,
     to_message_content,
 )
 from mmed_rag.testing import save_tiny_llava
@@ -89,20 +86,6 @@ def test_stop_strings_cut_the_answer(model_dir):
         pytest.skip("the random tiny model produced fewer than two words")
     cut = Generator.load(GeneratorConfig(model=str(model_dir), max_new_tokens=12, stop_strings=(words[1],)))
     assert words[1] not in cut.generate(PROMPTS[:1], [[image(0)]])[0].split()
-
-
-def test_pad_to_square_follows_the_preprocessing_file(model_dir, tmp_path):
-    square = pad_to_square(Image.new("RGB", (4, 2), (255, 255, 255)), (10, 20, 30))
-    assert square.size == (4, 4) and square.getpixel((0, 0)) == (10, 20, 30) and square.getpixel((1, 1)) == (255,) * 3
-    padded_dir = tmp_path / "padded"
-    shutil.copytree(model_dir, padded_dir)
-    (padded_dir / PREPROCESSING_FILE).write_text(json.dumps({"pad_to_square": True, "background": [10, 20, 30]}))
-    plain, padded = (Generator.load(GeneratorConfig(model=str(d))) for d in (model_dir, padded_dir))
-    wide = image(5, size=(60, 20))
-    assert padded.background == [10, 20, 30] and plain.background is None
-    plain_pixels = plain._inputs(PROMPTS[:1], [[wide]])["pixel_values"]
-    padded_pixels = padded._inputs(PROMPTS[:1], [[wide]])["pixel_values"]
-    assert not torch.equal(plain_pixels, padded_pixels)
 
 
 def test_lora_adapter_changes_the_model_and_a_corrupt_one_is_named(model_dir, tmp_path):

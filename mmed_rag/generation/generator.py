@@ -11,7 +11,6 @@ Batches are left-padded, so batched greedy decoding gives the same text as decod
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -27,9 +26,6 @@ from mmed_rag.data.records import IMAGE_TOKEN
 from mmed_rag.device import resolve_device
 
 logger = logging.getLogger(__name__)
-
-# Written by convert-llava-med: how the original preprocessed images before CLIP (LLaVA's image_aspect_ratio).
-PREPROCESSING_FILE = "mmed_rag_preprocessing.json"
 
 
 class GeneratorError(ValueError):
@@ -70,17 +66,6 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def pad_to_square(image: Image.Image, background: Sequence[int]) -> Image.Image:
-    """LLaVA's ``expand2square``: centre the image on a square of the background colour (the image mean)."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    square = Image.new(image.mode, (side, side), tuple(background))
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
-
-
 def to_message_content(prompt: str) -> list[dict]:
     """Split a human turn at its ``<image>`` markers into chat-template parts.
 
@@ -100,11 +85,10 @@ def to_message_content(prompt: str) -> list[dict]:
 class Generator:
     """A loaded model + processor that turns (prompt, images) pairs into text, in batches."""
 
-    def __init__(self, model, processor, config: GeneratorConfig, background: Sequence[int] | None = None):
+    def __init__(self, model, processor, config: GeneratorConfig):
         self.model = model.eval()
         self.processor = processor
         self.config = config
-        self.background = background  # pad-to-square colour, when the model was trained that way
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"  # generation appends on the right: pad on the left
         if self.tokenizer.pad_token is None:
@@ -134,12 +118,6 @@ class Generator:
         ).to(device)
         if config.adapter is not None:
             model = _with_adapter(model, config.adapter)
-        background = None
-        preprocessing = directory / PREPROCESSING_FILE
-        if preprocessing.is_file():
-            settings = json.loads(preprocessing.read_text(encoding="utf-8"))
-            if settings.get("pad_to_square"):
-                background = settings["background"]
         logger.info(
             "Loaded generator %s (%s, %s)%s",
             directory,
@@ -147,7 +125,7 @@ class Generator:
             device,
             f" with adapter {config.adapter}" if config.adapter else "",
         )
-        return cls(model, processor, config, background)
+        return cls(model, processor, config)
 
     def render(self, prompt: str) -> str:
         """The model's input text for one human turn: the chat template with the generation prompt."""
@@ -164,9 +142,9 @@ class Generator:
                     f"given; put one marker where each image belongs"
                 )
             texts.append(self.render(prompt))
-            for image in prompt_images:
-                image = image.convert("RGB")
-                flat_images.append(pad_to_square(image, self.background) if self.background else image)
+            # Padding to square, where the model was trained that way (LLaVA-Med), is the image processor's job:
+            # convert-llava-med writes a LlavaImageProcessor with do_pad.
+            flat_images += [image.convert("RGB") for image in prompt_images]
         inputs = self.processor(text=texts, images=flat_images or None, padding=True, return_tensors="pt")
         return inputs.to(self.model.device)
 
