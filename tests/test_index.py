@@ -82,11 +82,15 @@ def test_exact_search_is_the_brute_force_matmul(index, clip, corpus, image_queri
 
 def test_identical_reports_are_one_row_that_keeps_every_id(retriever_dir, tmp_path):
     corpus = tmp_path / "train.json"
-    corpus.write_text(json.dumps([
-        {"id": "a", "report": "No acute cardiopulmonary process.", "image_path": ["a.png"]},
-        {"id": "b", "report": "Moderate cardiomegaly.", "image_path": ["b.png"]},
-        {"id": "c", "report": "No acute cardiopulmonary process.", "image_path": ["c.png"]},
-    ]))
+    corpus.write_text(
+        json.dumps(
+            [
+                {"id": "a", "report": "No acute cardiopulmonary process.", "image_path": ["a.png"]},
+                {"id": "b", "report": "Moderate cardiomegaly.", "image_path": ["b.png"]},
+                {"id": "c", "report": "No acute cardiopulmonary process.", "image_path": ["c.png"]},
+            ]
+        )
+    )
     index = ReportIndex.build(retriever_dir, corpus, "radiology", progress=False)
 
     assert [(entry.report, entry.ids) for entry in index.entries] == [
@@ -118,8 +122,9 @@ def test_saved_index_loads_with_its_retriever_and_corpus_and_searches_the_same(
 
 def test_index_built_from_a_model_in_memory_loads_against_the_same_model_saved(clip, retriever_dir, corpus, tmp_path):
     model, _, _, tokenizer = clip
-    in_memory = ReportIndex.build(Retriever.from_model(model, tokenizer, "tiny-clip"), corpus, "radiology",
-                                  progress=False)
+    in_memory = ReportIndex.build(
+        Retriever.from_model(model, tokenizer, "tiny-clip"), corpus, "radiology", progress=False
+    )
     ReportIndex.load(in_memory.save(tmp_path / "index"), retriever=retriever_dir)
 
 
@@ -204,8 +209,9 @@ def test_ivf_refuses_more_cells_than_reports(retriever_dir, corpus):
 
 def test_build_index_stage_writes_the_index_and_its_config(retriever_dir, corpus, tmp_path):
     out = tmp_path / "indexes/radiology"
-    config = BuildIndexConfig(retriever=str(retriever_dir), corpus=str(corpus), modality="radiology", out=str(out),
-                              batch_size=16)
+    config = BuildIndexConfig(
+        retriever=str(retriever_dir), corpus=str(corpus), modality="radiology", out=str(out), batch_size=16
+    )
     build_index(config)
 
     assert {path.name for path in out.iterdir()} == INDEX_FILES | {"config.yaml"}

@@ -54,8 +54,11 @@ def image_of(record: dict) -> str:
 
 def all_records(out: Path, modality: str) -> list[dict]:
     retriever = out / "training" / "retriever" / modality
-    return (read_json(retriever / f"{modality}_train.json") + read_json(retriever / f"{modality}_val.json")
-            + read_json(out / "test" / "report" / f"{modality}_test.json"))
+    return (
+        read_json(retriever / f"{modality}_train.json")
+        + read_json(retriever / f"{modality}_val.json")
+        + read_json(out / "test" / "report" / f"{modality}_test.json")
+    )
 
 
 def states(report: str, finding: str) -> set[str]:

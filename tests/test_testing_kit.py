@@ -49,10 +49,15 @@ def model():
 
 # --- tokenizer ---------------------------------------------------------------------------------------------------
 
+
 def test_tokenizer_has_the_special_tokens_of_converted_llava_med():
     tokenizer = tiny_tokenizer()
     assert [tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id] == [
-        0, 1, 2, 3]
+        0,
+        1,
+        2,
+        3,
+    ]
     assert tokenizer.convert_ids_to_tokens([0, 1, 2, 3]) == ["<unk>", "<s>", "</s>", "<pad>"]
     assert IMAGE_TOKEN in tokenizer.all_special_tokens
     ids = tokenizer("<image>\nIs there a pleural effusion?").input_ids
@@ -75,6 +80,7 @@ def test_tokenizer_covers_the_mmed_rag_prompt_wording_and_numbers():
 
 
 # --- chat templates ----------------------------------------------------------------------------------------------
+
 
 def test_llava_med_mistral_template_renders_the_original_mistral_instruct_prompt():
     # LLaVA-Med's conv_mistral_instruct: Llama-2 separator style, system "", sep "", sep2 "</s>";
@@ -107,12 +113,22 @@ def test_vicuna_v1_template_renders_the_original_vicuna_v1_prompt():
         {"role": "assistant", "content": "No."},
         {"role": "user", "content": "Any effusion?"},
     ]
-    expected = (VICUNA_SYSTEM + " " + "USER: <image>\nIs the heart enlarged?" + " " + "ASSISTANT: No." + "</s> "
-                + "USER: Any effusion?" + " " + "ASSISTANT:")
+    expected = (
+        VICUNA_SYSTEM
+        + " "
+        + "USER: <image>\nIs the heart enlarged?"
+        + " "
+        + "ASSISTANT: No."
+        + "</s> "
+        + "USER: Any effusion?"
+        + " "
+        + "ASSISTANT:"
+    )
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
     closed = messages[:2]
     assert tokenizer.apply_chat_template(closed, tokenize=False) == (
-        VICUNA_SYSTEM + " USER: <image>\nIs the heart enlarged? ASSISTANT: No.</s>")
+        VICUNA_SYSTEM + " USER: <image>\nIs the heart enlarged? ASSISTANT: No.</s>"
+    )
 
 
 @pytest.mark.parametrize("name", ["llava_med_mistral", "vicuna_v1"])
@@ -140,6 +156,7 @@ def test_unknown_template_name_lists_the_known_ones():
 
 
 # --- tiny LLaVA --------------------------------------------------------------------------------------------------
+
 
 def test_tiny_llava_is_configured_like_converted_llava_med(model, processor):
     config = model.config
@@ -180,8 +197,14 @@ def test_processor_expands_one_image_token_per_image_patch_and_the_model_generat
 
 def test_apply_chat_template_tokenizes_with_exactly_one_bos(processor):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is it normal?"}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt", processor_kwargs={"images": [image(0)]})
+    inputs = processor.apply_chat_template(
+        messages,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"images": [image(0)]},
+    )
     assert (inputs.input_ids == processor.tokenizer.bos_token_id).sum() == 1
     assert inputs.pixel_values.shape == (1, 3, 32, 32)
 
