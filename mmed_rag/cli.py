@@ -168,6 +168,33 @@ def _run_convert(config) -> int:
     return 0
 
 
+def _train_domain_config() -> type:
+    from mmed_rag.domain.classifier import TrainDomainConfig
+
+    return TrainDomainConfig
+
+
+def _run_train_domain(config) -> int:
+    from mmed_rag.domain.classifier import train_domain
+
+    print(f"domain classifier: {train_domain(config)}")
+    return 0
+
+
+def _predict_domain_config() -> type:
+    from mmed_rag.domain.classifier import PredictDomainConfig
+
+    return PredictDomainConfig
+
+
+def _run_predict_domain(config) -> int:
+    from mmed_rag.domain.classifier import predict_domain
+
+    for prediction in predict_domain(config):
+        print(f"{prediction.image}\t{prediction.modality}\t{prediction.probability:.3f}")
+    return 0
+
+
 STAGES = (
     Stage(
         "validate-data",
@@ -177,6 +204,18 @@ STAGES = (
     ),
     Stage(
         "make-phantoms", "write the procedural phantom data set in the release layout", _phantom_config, _run_phantoms
+    ),
+    Stage(
+        "train-domain",
+        "train the domain classifier that routes images to their modality",
+        _train_domain_config,
+        _run_train_domain,
+    ),
+    Stage(
+        "predict-domain",
+        "predict the modality of images (or 'unknown')",
+        _predict_domain_config,
+        _run_predict_domain,
     ),
     Stage(
         "finetune-clip",

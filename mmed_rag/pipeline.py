@@ -55,8 +55,17 @@ class PipelineConfig:
     output: str | None = field(default=None, metadata={"help": "JSONL of records + reports + prediction"})
     img_root: str = field(default=".", metadata={"help": "image root of the input's image paths"})
     modality: str | None = field(
-        default=None, metadata={"help": "modality of every record (else the record's 'modality' field)"}
+        default=None,
+        metadata={"help": "modality of every record (else the domain classifier, else the record's 'modality')"},
     )
+    domain_classifier: str | None = field(
+        default=None, metadata={"help": "domain classifier directory (train-domain) that routes each image"}
+    )
+    unknown_policy: Literal["default", "all", "none"] = field(
+        default="none",
+        metadata={"help": "an image the classifier cannot place: retrieve from default_modality, all, or none"},
+    )
+    default_modality: str | None = field(default=None, metadata={"help": "the modality of unknown_policy 'default'"})
     task: Literal["auto", "vqa", "report"] = field(
         default="auto", metadata={"help": "auto: VQA for records with a question, else report generation"}
     )
@@ -80,6 +89,8 @@ class PipelineConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.unknown_policy == "default" and self.domain_classifier and self.default_modality is None:
+            raise ConfigError("unknown_policy 'default' needs --default-modality")
         if not self.no_retrieval and self.registry is None:
             raise ConfigError("give --registry (retriever + index per modality), or --no-retrieval")
         self.selection()
@@ -125,10 +136,11 @@ def _noise_for(image: Image.Image, key: object, seed: int) -> Image.Image:
 class MMedRAG:
     """The pipeline: a generator, and (unless answering without retrieval) a router of modality retrievers."""
 
-    def __init__(self, config: PipelineConfig, generator: Generator, router: Router | None):
+    def __init__(self, config: PipelineConfig, generator: Generator, router: Router | None, classifier=None):
         self.config = config
         self.generator = generator
         self.router = router
+        self.classifier = classifier
         self.selection = config.selection()
 
     @classmethod
@@ -140,25 +152,56 @@ class MMedRAG:
             config = load_config(PipelineConfig, None, {**config.__dict__, **overrides})
         device = resolve_device(config.device)
         router = None if config.no_retrieval else Router.from_registry(config.registry, device=device)
-        return cls(config, Generator.load(config.generator_config()), router)
+        classifier = None
+        if config.domain_classifier is not None:
+            from mmed_rag.domain.classifier import DomainClassifier
+
+            classifier = DomainClassifier.load(config.domain_classifier, device=device)
+        return cls(config, Generator.load(config.generator_config()), router, classifier)
 
     # -- one example ------------------------------------------------------------------------------------------
 
-    def retrieve(self, image: Image.Image, modality: str) -> list[str]:
-        """The selected reference reports for ``image`` from ``modality``'s index (none without retrieval)."""
-        if self.router is None:
+    def retrieve(self, image: Image.Image, modalities: list[str]) -> list[str]:
+        """The selected reference reports for ``image`` from the indexes of ``modalities``, merged by similarity."""
+        if self.router is None or not modalities:
             return []
-        retriever, index = self.router.get(modality)
-        pixels = retriever.preprocess(image).unsqueeze(0).to(next(retriever.model.parameters()).device)
-        with torch.no_grad():
-            query = retriever.model.encode_image(pixels, normalize=True).float().cpu().numpy()
-        scores, rows = index.search(query, self.selection.k)
-        kept = self.selection(scores[0])
-        return [entry.report for entry in index.lookup(rows)[0][:kept]]
+        candidates: list[tuple[float, str]] = []
+        for modality in modalities:
+            retriever, index = self.router.get(modality)
+            pixels = retriever.preprocess(image).unsqueeze(0).to(next(retriever.model.parameters()).device)
+            with torch.no_grad():
+                query = retriever.model.encode_image(pixels, normalize=True).float().cpu().numpy()
+            scores, rows = index.search(query, self.selection.k)
+            candidates += [
+                (float(score), entry.report) for score, entry in zip(scores[0], index.lookup(rows)[0], strict=True)
+            ]
+        candidates.sort(key=lambda candidate: -candidate[0])
+        kept = self.selection(np.array([score for score, _ in candidates]))
+        return [report for _, report in candidates[:kept]]
 
-    def prepare(self, image: Image.Image, question: str | None, modality: str, key: object = None):
-        """(prompt, image shown to the model, reports) for one example."""
-        reports = self.retrieve(image, modality)
+    def route(self, image: Image.Image, record=None) -> tuple[str, list[str]]:
+        """(modality named in the prompt, modalities to retrieve from) for one image.
+
+        Priority: the config's ``modality``, then the domain classifier (an image it cannot place follows
+        ``unknown_policy``; the prompt then names its best guess), then the record's own ``modality`` field.
+        """
+        if self.config.modality is not None:
+            return self.config.modality, [self.config.modality]
+        if self.classifier is not None:
+            from mmed_rag.domain.routing import route
+
+            prediction = self.classifier.predict([image])[0]
+            known = self.router.modalities if self.router is not None else []
+            targets = route(prediction, self.config.unknown_policy, self.config.default_modality, known)
+            return prediction.best_guess, targets
+        modality = record.extra.get("modality") if record is not None and hasattr(record, "extra") else None
+        if modality is None:
+            raise PipelineError("no modality: set --modality, a --domain-classifier, or give records a 'modality'")
+        return modality, [modality]
+
+    def prepare(self, image: Image.Image, question: str | None, modality: str, key: object = None, sources=None):
+        """(prompt, image shown to the model, reports) for one example; ``sources``: modalities to retrieve from."""
+        reports = self.retrieve(image, [modality] if sources is None else sources)
         task = "vqa" if question else "report"
         prompt = build_prompt(task, modality, clean_question(question) if question else None, reports)
         shown = _noise_for(image, key, self.config.noise_seed) if self.config.noised_image else image
@@ -166,23 +209,17 @@ class MMedRAG:
 
     def answer(self, image: str | os.PathLike | Image.Image, question: str | None = None, modality: str | None = None):
         """Answer a question about an image (or, with no question, write its report)."""
-        modality = modality or self.config.modality
-        if modality is None:
-            raise PipelineError("give the image's modality (or set 'modality' in the config)")
         if not isinstance(image, Image.Image):
             path = Path(image)
             image = load_image(path.parent, path.name)
-        prompt, shown, reports = self.prepare(image, question, modality, key=question)
+        sources = None
+        if modality is None:
+            modality, sources = self.route(image)
+        prompt, shown, reports = self.prepare(image, question, modality, key=question, sources=sources)
         text = self.generator.generate([prompt], [[shown]])[0]
         return Prediction(text, modality, reports, prompt)
 
     # -- a whole file -----------------------------------------------------------------------------------------
-
-    def _modality_of(self, record) -> str:
-        modality = self.config.modality or (record.extra.get("modality") if hasattr(record, "extra") else None)
-        if modality is None:
-            raise PipelineError("no modality: set --modality, or give records a 'modality' field")
-        return modality
 
     def _question_of(self, record) -> str | None:
         task = self.config.task
@@ -209,9 +246,10 @@ class MMedRAG:
                 prepared = []
                 for record in todo[start : start + batch_size]:
                     try:
-                        modality = self._modality_of(record)
                         image = load_image(self.config.img_root, record.image_paths[0])
-                        prompt, shown, reports = self.prepare(image, self._question_of(record), modality, record.key)
+                        modality, sources = self.route(image, record)
+                        question = self._question_of(record)
+                        prompt, shown, reports = self.prepare(image, question, modality, record.key, sources)
                     except (OSError, ValueError, KeyError, PipelineError) as error:
                         message = f"{record.unique_key} {record.key!r}: {error}"
                         if self.config.on_error == "raise":

@@ -143,3 +143,30 @@ def test_generate_command(setup, tmp_path, capsys):
 def test_config_needs_a_registry_or_no_retrieval():
     with pytest.raises(ValueError, match="--registry"):
         PipelineConfig(model="x")
+
+
+def test_the_domain_classifier_routes_records_without_a_modality(setup, tmp_path):
+    from mmed_rag.domain.classifier import TrainDomainConfig, train_domain
+
+    data = setup / "data"
+    classifier = train_domain(
+        TrainDomainConfig(
+            train_files=tuple(f"{m}={data}/training/retriever/{m}/{m}_train.json" for m in ("radiology", "pathology")),
+            img_root=str(data / "images"),
+            model="tiny-clip",
+            out=str(tmp_path / "domain"),
+        )
+    )
+    records = []
+    for modality in ("radiology", "pathology"):
+        for line in (data / f"test/vqa/{modality}_test.jsonl").read_text().splitlines()[:3]:
+            record = json.loads(line)
+            record["question_id"] = f"{modality}-{record['question_id']}"
+            record["truth"] = record.pop("modality")
+            records.append(record)
+    path = tmp_path / "unlabelled.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rag = MMedRAG.from_config(setup / "generate.yaml", domain_classifier=str(classifier))
+    outputs = lines(rag.run_file(path, tmp_path / "out.jsonl").output)
+    assert [line["modality"] for line in outputs] == [line["truth"] for line in outputs]
+    assert all(line["retrieve_k"] == 2 for line in outputs)
