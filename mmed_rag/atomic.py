@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,3 +53,18 @@ def atomic_write_bytes(destination: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(destination: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
     """Write ``text`` to ``destination`` atomically (UTF-8 by default, no BOM, newlines untranslated)."""
     atomic_write_bytes(destination, text.encode(encoding))
+
+
+def publish_directory(staging: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put a fully written directory in place of ``final``: two renames, the old copy removed only after.
+
+    A crash between the renames leaves ``final.previous`` (the old copy, complete) for a reader to fall back on;
+    at no point is a half-written directory named ``final``.
+    """
+    staging, final = Path(staging), Path(final)
+    previous = final.with_name(final.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if final.exists():
+        os.rename(final, previous)
+    os.rename(staging, final)
+    shutil.rmtree(previous, ignore_errors=True)

@@ -68,7 +68,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mmed_rag.atomic import atomic_path, atomic_write_text
+from mmed_rag.atomic import atomic_path, atomic_write_text, publish_directory
 from mmed_rag.config import ConfigError, config_to_dict, save_config
 from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image, open_image, resolve_image_path, to_rgb
 from mmed_rag.data.records import read_records
@@ -814,7 +814,7 @@ def train_domain(config: TrainDomainConfig) -> Path:
             "trained_on": str(device),
         },
     )
-    _replace_directory(staging, out)
+    publish_directory(staging, out)
     logger.info("Trained the domain classifier %s: %s", modalities, out)
     return out
 
@@ -823,16 +823,6 @@ def _source_identity(model: str, checkpoint: str | None) -> dict:
     """Where the tower came from, pinned by the sha256 of its weights file when it has one."""
     weights = Path(checkpoint) if checkpoint else resolve_clip(model).weights
     return {"model": model, "checkpoint": checkpoint, "weights_sha256": file_sha256(weights) if weights else None}
-
-
-def _replace_directory(staging: Path, final: Path) -> None:
-    """Put a fully written directory in place of ``final``: two renames, the old copy removed only after."""
-    previous = final.with_name(final.name + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if final.exists():
-        os.rename(final, previous)
-    os.rename(staging, final)
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 @dataclass

@@ -47,7 +47,7 @@ from open_clip_train.scheduler import cosine_lr
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mmed_rag.atomic import atomic_path, atomic_write_text
+from mmed_rag.atomic import atomic_path, atomic_write_text, publish_directory
 from mmed_rag.config import ConfigError, config_to_dict, save_config
 from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image, resolve_image_path
 from mmed_rag.data.records import ImageReportRecord, read_retriever_train
@@ -388,16 +388,6 @@ def _autocast(device: torch.device, precision: str):
 # -- run directory: checkpoints, metrics, curves -------------------------------------------------------------
 
 
-def _publish(staging: Path, final: Path) -> None:
-    """Put a fully written directory in place of ``final``: two renames, the old copy removed only after."""
-    previous = final.with_name(final.name + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if final.exists():
-        os.rename(final, previous)
-    os.rename(staging, final)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 def _staging(final: Path) -> Path:
     staging = final.with_name(final.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -582,11 +572,11 @@ def _save_epoch(config, model, manifest: dict, state: dict, optimizer, scaler, i
     if improved:
         staging = _staging(run_dir / "best")
         save_clip(model, staging, config.model, {**manifest, "best": state["best"]})
-        _publish(staging, run_dir / "best")
+        publish_directory(staging, run_dir / "best")
     staging = _staging(run_dir / "last")
     save_clip(model, staging, config.model, {**manifest, "epoch": state["epochs_done"]})
     write_trainer_state(staging, state, optimizer, scaler)
-    _publish(staging, run_dir / "last")
+    publish_directory(staging, run_dir / "last")
 
 
 def finetune_clip(config: FinetuneConfig) -> Path:
