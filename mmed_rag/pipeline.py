@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -33,6 +32,7 @@ from mmed_rag.device import resolve_device
 from mmed_rag.generation.generator import Generator, GeneratorConfig
 from mmed_rag.generation.prompts import build_prompt, clean_question
 from mmed_rag.resumable import append_lines, completed_keys, finish, open_partial
+from mmed_rag.retrieval.encode import embed_pixels
 from mmed_rag.retrieval.router import Router
 from mmed_rag.retrieval.select import RULES, KSelection
 
@@ -96,9 +96,7 @@ class PipelineConfig:
         self.selection()
 
     def selection(self) -> KSelection:
-        if self.select_rule is None:
-            return KSelection.from_original_flags(self.fixed_k, self.clip_threshold)
-        return KSelection(self.select_rule, self.fixed_k, self.select_threshold)
+        return KSelection.from_options(self.fixed_k, self.clip_threshold, self.select_rule, self.select_threshold)
 
     def generator_config(self) -> GeneratorConfig:
         return GeneratorConfig(
@@ -168,9 +166,7 @@ class MMedRAG:
         candidates: list[tuple[float, str]] = []
         for modality in modalities:
             retriever, index = self.router.get(modality)
-            pixels = retriever.preprocess(image).unsqueeze(0).to(next(retriever.model.parameters()).device)
-            with torch.no_grad():
-                query = retriever.model.encode_image(pixels, normalize=True).float().cpu().numpy()
+            query = embed_pixels(retriever.model, retriever.preprocess(image).unsqueeze(0))
             scores, rows = index.search(query, self.selection.k)
             candidates += [
                 (float(score), entry.report) for score, entry in zip(scores[0], index.lookup(rows)[0], strict=True)

@@ -31,6 +31,7 @@ from mmed_rag.device import resolve_device
 from mmed_rag.fingerprint import file_sha256
 from mmed_rag.resumable import append_lines, completed_keys, finish, open_partial
 from mmed_rag.retrieval.clip import create_clip, resolve_clip
+from mmed_rag.retrieval.encode import embed_pixels
 from mmed_rag.retrieval.index import IndexMissingError, ReportIndex, Retriever, RetrieverIdentity
 from mmed_rag.retrieval.select import RULES, KSelection
 
@@ -92,9 +93,7 @@ class RetrieveConfig:
         self.selection()  # a bad rule or threshold fails here, before any work
 
     def selection(self) -> KSelection:
-        if self.select_rule is None:
-            return KSelection.from_original_flags(self.fixed_k, self.clip_threshold)
-        return KSelection(self.select_rule, self.fixed_k, self.select_threshold)
+        return KSelection.from_options(self.fixed_k, self.clip_threshold, self.select_rule, self.select_threshold)
 
 
 @dataclass
@@ -199,8 +198,7 @@ def retrieve(config: RetrieveConfig) -> RetrievalSummary:
                 skipped.append(message)
             if not good:
                 continue
-            pixels = torch.stack([p for _, p in good]).to(device)
-            queries = retriever.model.encode_image(pixels, normalize=True).float().cpu().numpy()
+            queries = embed_pixels(retriever.model, torch.stack([p for _, p in good]))
             scores, rows = index.search(queries, selection.k)
             append_lines(
                 sink,

@@ -80,6 +80,15 @@ class ImageFileDataset(Dataset):
 
 
 @torch.no_grad()
+def embed_pixels(model: torch.nn.Module, pixels: torch.Tensor) -> np.ndarray:
+    """Normalised embeddings of a batch of preprocessed images, on the model's device (autocast on GPU)."""
+    device = _device_of(model)
+    with _autocast(device):
+        features = model.encode_image(pixels.to(device), normalize=True)
+    return features.float().cpu().numpy()
+
+
+@torch.no_grad()
 def encode_images(
     model: torch.nn.Module,
     preprocess: Callable,
@@ -97,9 +106,6 @@ def encode_images(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
-    chunks = []
-    for pixels in tqdm(loader, desc="encoding images", unit="batch", disable=not progress or len(loader) < 2):
-        with _autocast(device):
-            features = model.encode_image(pixels.to(device), normalize=True)
-        chunks.append(features.float().cpu().numpy())
+    batches = tqdm(loader, desc="encoding images", unit="batch", disable=not progress or len(loader) < 2)
+    chunks = [embed_pixels(model, pixels) for pixels in batches]
     return np.concatenate(chunks) if chunks else np.zeros((0, embedding_dim(model)), dtype=np.float32)

@@ -114,6 +114,13 @@ class KSelection:
         """``--fixed_k K`` alone is a fixed k; with ``--clip_threshold T`` it is the ratio rule capped at K."""
         return cls("fixed", fixed_k) if clip_threshold is None else cls("ratio", fixed_k, clip_threshold)
 
+    @classmethod
+    def from_options(
+        cls, fixed_k: int, clip_threshold: float | None, rule: Rule | None, threshold: float | None
+    ) -> KSelection:
+        """The options of batch retrieval and generation: an explicit rule, else the original flags."""
+        return cls.from_original_flags(fixed_k, clip_threshold) if rule is None else cls(rule, fixed_k, threshold)
+
     def __call__(self, scores: Sequence[float] | np.ndarray) -> int:
         """The number of leading candidates to keep."""
         if self.rule == "fixed":
