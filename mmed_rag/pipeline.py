@@ -78,6 +78,10 @@ class PipelineConfig:
     no_retrieval: bool = field(default=False, metadata={"help": "answer without reference reports"})
     noised_image: bool = field(default=False, metadata={"help": "show the model a noise image instead (seeded)"})
     noise_seed: int = field(default=0, metadata={"help": "seed of the noise images (mixed with each record's id)"})
+    yes_no_scores: bool = field(
+        default=False,
+        metadata={"help": "also write each VQA answer's P(yes) from its first token ('yes_probability', for AUC)"},
+    )
     adapter: str | None = field(default=None, metadata={"help": "LoRA adapter from preference tuning"})
     max_new_tokens: int = field(default=128, metadata={"help": "generated tokens at most"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
@@ -253,26 +257,39 @@ class MMedRAG:
                         logger.warning("skipping record %s", message)
                         skipped.append(message)
                         continue
-                    prepared.append((record, modality, prompt, shown, reports))
+                    prepared.append((record, modality, prompt, shown, reports, question is not None))
                 if not prepared:
                     continue
-                texts = self.generator.generate([p[2] for p in prepared], [[p[3]] for p in prepared])
-                append_lines(
-                    sink,
-                    (
-                        {
-                            **record.to_dict(),
-                            "reference_reports": reports,
-                            "retrieve_k": len(reports),
-                            "modality": modality,
-                            "prediction": text,
-                        }
-                        for (record, modality, _, _, reports), text in zip(prepared, texts, strict=True)
-                    ),
-                )
+                prompts, images = [p[2] for p in prepared], [[p[3]] for p in prepared]
+                outputs = [
+                    {
+                        **record.to_dict(),
+                        "reference_reports": reports,
+                        "retrieve_k": len(reports),
+                        "modality": modality,
+                        "prediction": text,
+                    }
+                    for (record, modality, _, _, reports, _), text in zip(
+                        prepared, self.generator.generate(prompts, images), strict=True
+                    )
+                ]
+                if self.config.yes_no_scores:
+                    self._add_yes_no_scores(outputs, prepared)
+                append_lines(sink, outputs)
         written = finish(output)
         logger.info("Wrote %d prediction(s) to %s (%d skipped)", written, output, len(skipped))
         return RunSummary(output, written, len(done), skipped)
+
+    def _add_yes_no_scores(self, outputs: list[dict], prepared: list[tuple]) -> None:
+        """Add ``yes_probability`` to the VQA outputs of a batch (report outputs have no yes/no to score)."""
+        questions = [position for position, item in enumerate(prepared) if item[5]]
+        if not questions:
+            return
+        scores = self.generator.yes_no_probability(
+            [prepared[position][2] for position in questions], [[prepared[position][3]] for position in questions]
+        )
+        for position, score in zip(questions, scores, strict=True):
+            outputs[position]["yes_probability"] = score
 
 
 def generate(config: PipelineConfig) -> RunSummary:

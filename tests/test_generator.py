@@ -122,3 +122,17 @@ def test_model_directory_without_a_processor_is_refused(model_dir, tmp_path):
         Generator.load(GeneratorConfig(model=str(bare)))
     with pytest.raises(GeneratorError, match="not a model directory"):
         Generator.load(GeneratorConfig(model=str(tmp_path / "nowhere")))
+
+
+def test_yes_no_probability_is_the_renormalised_first_token_probability(model_dir):
+    generator = Generator.load(GeneratorConfig(model=str(model_dir), batch_size=2))
+    prompts, images = PROMPTS[:3], [[image(i)] for i in range(3)]
+    scores = generator.yes_no_probability(prompts, images)
+    inputs = generator._inputs(prompts[:1], images[:1])
+    with torch.no_grad():
+        probabilities = generator.model(**inputs).logits[0, -1].softmax(-1)
+    yes, no = (generator.tokenizer.convert_tokens_to_ids(word) for word in ("yes", "no"))
+    assert scores[0] == pytest.approx((probabilities[yes] / (probabilities[yes] + probabilities[no])).item(), 1e-5)
+    assert all(0.0 < score < 1.0 for score in scores)
+    one_by_one = Generator.load(GeneratorConfig(model=str(model_dir), batch_size=1)).yes_no_probability(prompts, images)
+    assert scores == pytest.approx(one_by_one, abs=1e-5)  # left padding does not change a row's score

@@ -66,6 +66,15 @@ def test_vqa_and_report_files(setup, tmp_path):
         assert result["retrieve_k"] == len(result["reference_reports"]) == 2
     reports = rag.run_file(setup / "data/test/report/radiology_test.json", tmp_path / "report.jsonl")
     assert {line["modality"] for line in lines(reports.output)} == {"radiology"}
+    assert not any("yes_probability" in line for line in outputs)  # only when asked
+
+
+def test_yes_no_scores_are_written_for_questions_only(setup, tmp_path):
+    rag = MMedRAG.from_config(setup / "generate.yaml", yes_no_scores=True)
+    vqa = rag.run_file(setup / "data/test/vqa/pathology_test.jsonl", tmp_path / "vqa.jsonl")
+    assert all(0.0 <= line["yes_probability"] <= 1.0 for line in lines(vqa.output))
+    reports = rag.run_file(setup / "data/test/report/radiology_test.json", tmp_path / "report.jsonl")
+    assert not any("yes_probability" in line for line in lines(reports.output))
 
 
 def test_without_retrieval_and_with_the_noised_image(setup):

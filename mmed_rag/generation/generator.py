@@ -170,6 +170,43 @@ class Generator:
             answers += [self._trim(text) for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         return answers
 
+    @torch.no_grad()
+    def yes_no_probability(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> list[float]:
+        """P(yes) / (P(yes) + P(no)) of each prompt's first answer token: a score for AUC, from one forward pass.
+
+        Greedy text only says yes or no; ranking metrics need a confidence. The answer's first token decides it,
+        so the score sums the probabilities of every spelling the tokenizer starts "Yes"/"yes" (or "No"/"no")
+        with, with or without a leading space, and renormalises over the two answers.
+        """
+        yes_ids, no_ids = self._answer_token_ids()
+        scores: list[float] = []
+        for start in range(0, len(prompts), self.config.batch_size):
+            batch = slice(start, start + self.config.batch_size)
+            inputs = self._inputs(prompts[batch], images[batch])
+            # Left padding: the last position of every row is its prompt's last token.
+            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
+            probabilities = logits.softmax(dim=-1)
+            yes = probabilities[:, yes_ids].sum(dim=-1)
+            no = probabilities[:, no_ids].sum(dim=-1)
+            scores += (yes / (yes + no).clamp_min(torch.finfo(torch.float32).tiny)).tolist()
+        return scores
+
+    def _answer_token_ids(self) -> tuple[list[int], list[int]]:
+        """The first token ids of the answer words' spellings; the two sets must be known and disjoint."""
+
+        def first_ids(word: str) -> list[int]:
+            spellings = (word, word.lower(), f" {word}", f" {word.lower()}")
+            ids = {self.tokenizer.encode(text, add_special_tokens=False)[0] for text in spellings}
+            return sorted(ids - {self.tokenizer.unk_token_id})
+
+        yes_ids, no_ids = first_ids("Yes"), first_ids("No")
+        if not yes_ids or not no_ids or set(yes_ids) & set(no_ids):
+            raise GeneratorError(
+                f"the tokenizer cannot tell 'yes' from 'no' by the first token (yes: {yes_ids}, no: {no_ids}); "
+                f"yes/no scores need distinct first tokens"
+            )
+        return yes_ids, no_ids
+
     def _stopping(self, prompt_length: int):
         from transformers import StoppingCriteriaList
 
