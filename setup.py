@@ -25,6 +25,7 @@ CORE = [
     "tqdm>=4.66",
     "numpy>=1.26",
     "scikit-learn>=1.5",
+    "scipy>=1.11",
     "pycocoevalcap>=1.2",
     "rouge-score>=0.1.2",
     "matplotlib>=3.8",

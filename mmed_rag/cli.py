@@ -150,6 +150,26 @@ def _run_generate(config) -> int:
     return 0
 
 
+def _eval_config() -> type:
+    from mmed_rag.eval.run import EvalConfig
+
+    return EvalConfig
+
+
+def _run_eval(config) -> int:
+    from mmed_rag.eval.examples import EvalInputError
+    from mmed_rag.eval.run import evaluate
+
+    try:
+        result = evaluate(config)
+    except EvalInputError as error:
+        print(f"mmed-rag eval: {error}", file=sys.stderr)
+        return 1
+    print((result.out / "metrics.md").read_text(encoding="utf-8"))
+    print(f"wrote {', '.join(path.name for path in result.files)} to {result.out}")
+    return 0
+
+
 def _convert_config() -> type:
     from mmed_rag.generation.convert import ConvertConfig
 
@@ -252,6 +272,12 @@ STAGES = (
         "answer a VQA or report test file with MMed-RAG (route, retrieve, prompt, generate)",
         _generate_config,
         _run_generate,
+    ),
+    Stage(
+        "eval",
+        "score predictions: VQA yes/no metrics, report metrics, or the copy-reliance analyses",
+        _eval_config,
+        _run_eval,
     ),
     Stage("demo", "run the smallest end-to-end path on generated data and report what it did", _demo_config, _run_demo),
 )

@@ -1,0 +1,1 @@
+"""Evaluation: VQA and report metrics and the copy-reliance analyses."""

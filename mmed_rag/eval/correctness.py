@@ -1,0 +1,49 @@
+"""Whether one answer is right: the judgement that the copy-reliance analyses and preference pairs are built on.
+
+VQA: the yes/no parsed from the answer's first sentence equals the gold one (an unparseable answer is wrong).
+Report generation has no right or wrong, so MMed-RAG counts a report as good when its similarity to the gold
+report is above the mean of the set it was generated in; the metric (BLEU in the original; which order is not
+published, BLEU-4 here) and the threshold are parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mmed_rag.eval.yesno import parse_yes_no
+
+
+def vqa_correct(prediction: str, gold: str) -> bool:
+    """The answer's yes/no is the gold one; False when either does not parse."""
+    label = parse_yes_no(gold)
+    return label is not None and parse_yes_no(prediction) == label
+
+
+@dataclass(frozen=True)
+class ReportJudge:
+    """Good report = ``metric`` against the gold report above ``threshold`` ("mean": the judged set's mean)."""
+
+    metric: str = "BLEU-4"
+    threshold: float | str = "mean"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, str) and self.threshold != "mean":
+            raise ValueError(f"threshold must be a number or 'mean', got {self.threshold!r}")
+
+    def scores(self, predictions: Sequence[str], golds: Sequence[str]) -> list[float]:
+        from mmed_rag.eval.report import score_reports
+
+        per_example = score_reports(predictions, golds, metrics=(self.metric,)).per_example
+        return [row[self.metric] for row in per_example]
+
+    def cutoff(self, scores: Sequence[float]) -> float:
+        return sum(scores) / len(scores) if self.threshold == "mean" else float(self.threshold)
+
+    def judge(self, predictions: Sequence[str], golds: Sequence[str]) -> list[bool]:
+        """Good or not, for each report; "mean" is taken over this set of reports."""
+        scores = self.scores(predictions, golds)
+        if not scores:
+            return []
+        cutoff = self.cutoff(scores)
+        return [score > cutoff for score in scores]

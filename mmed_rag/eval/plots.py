@@ -1,0 +1,95 @@
+"""The PNG figures of ``mmed-rag eval``: what people look at before they read the JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mmed_rag.atomic import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: Path) -> Path:
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(figure)
+    return path
+
+
+def bar_chart(
+    path: Path,
+    values: Mapping[str, float | None],
+    intervals: Mapping[str, tuple[float | None, float | None]] | None = None,
+    *,
+    title: str,
+    ylabel: str,
+    ylim: tuple[float, float] | None = (0.0, 1.0),
+) -> Path:
+    """One bar per entry, with its 95% interval as an error bar where known; missing values are left blank."""
+    plt = _pyplot()
+    names = list(values)
+    heights = [values[name] if values[name] is not None else 0.0 for name in names]
+    figure, axes = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 2), 3.6))
+    bars = axes.bar(range(len(names)), heights, color="#4c72b0")
+    if intervals:
+        for position, name in enumerate(names):
+            low, high = intervals.get(name, (None, None))
+            if values[name] is not None and low is not None and high is not None:
+                axes.errorbar(position, values[name], yerr=[[values[name] - low], [high - values[name]]], color="k")
+    for bar, name in zip(bars, names, strict=True):
+        label = "n/a" if values[name] is None else f"{values[name]:.3f}"
+        axes.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+    axes.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    if ylim is not None:
+        axes.set_ylim(*ylim)
+    return _save(figure, path)
+
+
+def confusion_matrix(path: Path, gold: Sequence[str], predicted: Sequence[str | None], *, title: str) -> Path:
+    """Gold yes/no against predicted yes/no/unparseable, with counts in the cells."""
+    plt = _pyplot()
+    rows, columns = ["yes", "no"], ["yes", "no", None]
+    counts = np.array(
+        [
+            [sum(g == row and p == column for g, p in zip(gold, predicted, strict=True)) for column in columns]
+            for row in rows
+        ]
+    )
+    figure, axes = plt.subplots(figsize=(4.4, 3.4))
+    axes.imshow(counts, cmap="Blues")
+    for (row, column), count in np.ndenumerate(counts):
+        axes.text(column, row, str(count), ha="center", va="center", color="k")
+    axes.set_xticks(range(3), ["yes", "no", "unparseable"])
+    axes.set_yticks(range(2), rows)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("gold")
+    axes.set_title(title)
+    return _save(figure, path)
+
+
+def roc_curve(path: Path, gold_positive: Sequence[bool], scores: Sequence[float], *, auc: float, title: str) -> Path:
+    """The ROC curve of the yes/no scores (step curve over all thresholds)."""
+    from sklearn.metrics import roc_curve as curve
+
+    plt = _pyplot()
+    false_positive, true_positive, _ = curve(gold_positive, scores)
+    figure, axes = plt.subplots(figsize=(4.0, 4.0))
+    axes.plot(false_positive, true_positive, label=f"AUC {auc:.3f}")
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
+    axes.set_xlabel("false positive rate")
+    axes.set_ylabel("true positive rate")
+    axes.set_title(title)
+    axes.legend(loc="lower right")
+    return _save(figure, path)
