@@ -267,9 +267,10 @@ class MMedRAG:
                         "reference_reports": reports,
                         "retrieve_k": len(reports),
                         "modality": modality,
+                        "prompt": prompt,
                         "prediction": text,
                     }
-                    for (record, modality, _, _, reports, _), text in zip(
+                    for (record, modality, prompt, _, reports, _), text in zip(
                         prepared, self.generator.generate(prompts, images), strict=True
                     )
                 ]
