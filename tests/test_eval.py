@@ -188,3 +188,16 @@ def test_released_vqa_answers_scored_against_themselves(release_dir, tmp_path):
     assert all(metrics["overall"][name]["value"] == 1.0 for name in ("accuracy", "precision", "recall", "f1"))
     assert len(metrics["skipped"]) == len(answers) - len(scorable)  # hedged or empty gold, listed by id
     assert set(metrics["by_dataset"]) == {"iuxray_test", "pmc-oa_test"}
+
+
+def test_released_reports_scored_against_themselves(release_dir, tmp_path):
+    reports = json.loads((release_dir / "test/report/iuxray_test.json").read_text())[:60]
+    subset = tmp_path / "iuxray_subset.json"
+    subset.write_text(json.dumps(reports))
+    config = EvalConfig(task="report", pred=(str(subset),), prediction_field="report", out=str(tmp_path / "e"))
+    overall = evaluate(config).metrics["overall"]
+    assert overall["n"] == 60
+    assert all(overall[f"BLEU-{n}"] == pytest.approx(1.0, abs=1e-9) for n in range(1, 5))
+    assert overall["ROUGE-L"] == 1.0 and overall["METEOR"] == 1.0 and overall["CIDEr"] == pytest.approx(10.0)
+    assert overall["clinical_f1"]["micro"]["f1"] == 1.0
+    assert (tmp_path / "e/report_metrics.png").stat().st_size > 0

@@ -179,3 +179,43 @@ def test_the_domain_classifier_routes_records_without_a_modality(setup, tmp_path
     outputs = lines(rag.run_file(path, tmp_path / "out.jsonl").output)
     assert [line["modality"] for line in outputs] == [line["truth"] for line in outputs]
     assert all(line["retrieve_k"] == 2 for line in outputs)
+
+
+def test_eval_reads_the_pipelines_outputs(setup, tmp_path):
+    """generate in the three modes of the copy-reliance analyses, then score each output as it was written."""
+    vqa = setup / "data/test/vqa/radiology_test.jsonl"
+    runs = {
+        "rag": {"yes_no_scores": True},
+        "plain": {"no_retrieval": True},
+        "noised": {"noised_image": True},
+    }
+    outputs = {}
+    for name, overrides in runs.items():
+        outputs[name] = MMedRAG.from_config(setup / "generate.yaml", **overrides).run_file(
+            vqa, tmp_path / f"{name}.jsonl"
+        )
+    questions = len(vqa.read_text().splitlines())
+    assert main(["eval", "--task", "vqa", "--pred", str(outputs["rag"].output), "--out", str(tmp_path / "vqa")]) == 0
+    metrics = json.loads((tmp_path / "vqa/metrics.json").read_text())
+    assert metrics["overall"]["counts"]["n"] == questions
+    assert 0.0 <= metrics["overall"]["accuracy"]["value"] <= 1.0 and "auc" in metrics["overall"]
+    assert set(metrics["by_modality"]) == {"radiology"}
+    copying = [
+        "eval", "--task", "copying", "--pred", str(outputs["rag"].output),
+        "--pred-no-retrieval", str(outputs["plain"].output), "--pred-noised", str(outputs["noised"].output),
+        "--out", str(tmp_path / "copying"),
+    ]  # fmt: skip
+    assert main(copying) == 0
+    figures = json.loads((tmp_path / "copying/metrics.json").read_text())
+    assert figures["questions"] == questions and set(figures["accuracy"]) == {
+        "retrieval",
+        "no_retrieval",
+        "retrieval_noised",
+    }
+    reports = MMedRAG.from_config(setup / "generate.yaml").run_file(
+        setup / "data/test/report/radiology_test.json", tmp_path / "reports.jsonl"
+    )
+    assert main(["eval", "--task", "report", "--pred", str(reports.output), "--out", str(tmp_path / "report")]) == 0
+    scores = json.loads((tmp_path / "report/metrics.json").read_text())["overall"]
+    assert all(0.0 <= scores[name] for name in ("BLEU-1", "BLEU-4", "ROUGE-L", "METEOR", "CIDEr"))
+    assert 0.0 <= scores["clinical_f1"]["micro"]["f1"] <= 1.0

@@ -8,7 +8,7 @@ published, BLEU-4 here) and the threshold are parameters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mmed_rag.eval.yesno import parse_yes_no
@@ -42,8 +42,17 @@ class ReportJudge:
 
     def judge(self, predictions: Sequence[str], golds: Sequence[str]) -> list[bool]:
         """Good or not, for each report; "mean" is taken over this set of reports."""
-        scores = self.scores(predictions, golds)
-        if not scores:
-            return []
-        cutoff = self.cutoff(scores)
-        return [score > cutoff for score in scores]
+        return self.judge_runs({"run": (predictions, golds)})["run"]
+
+    def judge_runs(self, runs: Mapping[str, tuple[Sequence[str], Sequence[str]]]) -> dict[str, list[bool]]:
+        """Good or not, for each report of several runs (``run -> (predictions, golds)``) against ONE cutoff.
+
+        Runs are compared question by question (with and without retrieval, real or noise image), so "mean" is
+        the mean over all runs' scores: a per-run mean would move the bar with the run being judged.
+        """
+        scores = {run: self.scores(*pair) if len(pair[0]) else [] for run, pair in runs.items()}
+        pooled = [score for values in scores.values() for score in values]
+        if not pooled:
+            return {run: [] for run in runs}
+        cutoff = self.cutoff(pooled)
+        return {run: [score > cutoff for score in values] for run, values in scores.items()}

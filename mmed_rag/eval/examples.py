@@ -44,6 +44,8 @@ class Example:
     modality: str | None = None
     yes_probability: float | None = None
     reference_reports: list[str] | None = None
+    prompt: str | None = None  # the human turn the model saw (generate writes it)
+    images: list[str] = field(default_factory=list)
     where: str = ""  # file and line, for messages
 
 
@@ -147,6 +149,8 @@ def read_examples(
                     modality=values.get("modality"),
                     yes_probability=float(score) if isinstance(score, int | float) else None,
                     reference_reports=values.get("reference_reports"),
+                    prompt=values.get("prompt"),
+                    images=record.image_paths,
                     where=where,
                 )
             )

@@ -45,7 +45,9 @@ def bar_chart(
         for position, name in enumerate(names):
             low, high = intervals.get(name, (None, None))
             if values[name] is not None and low is not None and high is not None:
-                axes.errorbar(position, values[name], yerr=[[values[name] - low], [high - values[name]]], color="k")
+                # A percentile bootstrap interval need not contain the point value (small or skewed sets).
+                below, above = max(0.0, values[name] - low), max(0.0, high - values[name])
+                axes.errorbar(position, values[name], yerr=[[below], [above]], color="k")
     for bar, name in zip(bars, names, strict=True):
         label = "n/a" if values[name] is None else f"{values[name]:.3f}"
         axes.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")

@@ -204,45 +204,41 @@ def _vqa_table(metrics: dict) -> str:
 
 
 def _report(config: EvalConfig, examples: ExampleSet, out: Path) -> tuple[dict, list[dict], list[Path]]:
-    from mmed_rag.eval.report import score_reports
+    from mmed_rag.eval.report import ReportScorer
 
     kept = examples.examples
     if not kept:
         raise EvalInputError("no report to score")
+    with ReportScorer(config.report_metrics) as scorer:  # one METEOR process for every group
 
-    def measure(rows: Sequence[int]) -> tuple[dict, list[dict]]:
-        scores = score_reports(
-            [kept[row].prediction for row in rows],
-            [kept[row].gold for row in rows],
-            metrics=config.report_metrics,
-            ids=[kept[row].key for row in rows],
-        )
-        result = {"n": len(rows), **scores.corpus}
-        if config.clinical_f1:
-            chest = [row for row in rows if kept[row].modality in (None, *CHEST_XRAY_MODALITIES)]
-            if chest:
-                result["clinical_f1"] = _clinical_f1(kept, chest)
-        return result, scores.per_example
+        def measure(rows: Sequence[int]) -> tuple[dict, list[dict]]:
+            scores = scorer.score(
+                [kept[row].prediction for row in rows],
+                [kept[row].gold for row in rows],
+                ids=[kept[row].key for row in rows],
+            )
+            result = {"n": len(rows), **scores.corpus}
+            if config.clinical_f1:
+                chest = [row for row in rows if kept[row].modality in (None, *CHEST_XRAY_MODALITIES)]
+                if chest:
+                    result["clinical_f1"] = _clinical_f1(kept, chest)
+            return result, scores.per_example
 
-    everything = list(range(len(kept)))
-    overall, per_example = measure(everything)
-    metrics = {"overall": overall}
-    for attribute in ("dataset", "modality"):
-        groups = _groups(kept, attribute)
-        # One group is the overall set again; its corpus-level scores (CIDEr's idf) would be identical.
-        metrics[f"by_{attribute}"] = {
-            name: overall if len(rows) == len(kept) else measure(rows)[0] for name, rows in groups.items()
-        }
+        overall, per_example = measure(range(len(kept)))
+        metrics = {"overall": overall}
+        for attribute in ("dataset", "modality"):
+            groups = _groups(kept, attribute)
+            # A group holding every report is the overall set again (same corpus-level scores, CIDEr's idf too).
+            metrics[f"by_{attribute}"] = {
+                name: overall if len(rows) == len(kept) else measure(rows)[0] for name, rows in groups.items()
+            }
     for example, row in zip(kept, per_example, strict=True):
         row.update(dataset=example.dataset, modality=example.modality)
-    values = {name: overall[name] for name in config.report_metrics}
-    cider_scale = {name: value / 10 if name == "CIDEr" else value for name, value in values.items()}
+    values = {("CIDEr / 10" if name == "CIDEr" else name): overall[name] for name in config.report_metrics}
+    values = {name: value / 10 if name == "CIDEr / 10" else value for name, value in values.items()}
     figures = [
         plots.bar_chart(
-            out / "report_metrics.png",
-            {("CIDEr / 10" if name == "CIDEr" else name): value for name, value in cider_scale.items()},
-            title=f"report metrics ({len(kept)} reports)",
-            ylabel="score",
+            out / "report_metrics.png", values, title=f"report metrics ({len(kept)} reports)", ylabel="score"
         )
     ]
     return metrics, per_example, figures
@@ -263,7 +259,7 @@ def _report_table(metrics: dict, names: Sequence[str]) -> str:
     for label, group in rows:
         clinical = group.get("clinical_f1")
         cells = [f"{group[name]:.4f}" for name in names]
-        cells += [f"{clinical['micro_f1']:.4f}", f"{clinical['macro_f1']:.4f}"] if clinical else ["n/a", "n/a"]
+        cells += [f"{clinical['micro']['f1']:.4f}", f"{clinical['macro_f1']:.4f}"] if clinical else ["n/a", "n/a"]
         lines.append(f"| {label} | {group['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -303,14 +299,11 @@ def _copying(config: EvalConfig, out: Path) -> tuple[dict, list[dict], list[Path
     else:
         threshold = config.judge_threshold
         judge = ReportJudge(config.judge_metric, threshold if threshold == "mean" else float(threshold))
-        scores = {
-            run: judge.scores([e.prediction for e in s.examples], [e.gold for e in s.examples])
-            for run, s in runs.items()
-        }
-        cutoff = judge.cutoff([score for values in scores.values() for score in values])
+        verdicts = judge.judge_runs(
+            {run: ([e.prediction for e in s.examples], [e.gold for e in s.examples]) for run, s in runs.items()}
+        )
         correct = {
-            run: {e.key: score > cutoff for e, score in zip(runs[run].examples, scores[run], strict=True)}
-            for run in runs
+            run: {e.key: good for e, good in zip(runs[run].examples, verdicts[run], strict=True)} for run in runs
         }
     try:
         report = copy_reliance(correct)
