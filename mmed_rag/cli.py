@@ -170,6 +170,26 @@ def _run_eval(config) -> int:
     return 0
 
 
+def _make_pairs_config() -> type:
+    from mmed_rag.alignment.make_pairs import MakePairsConfig
+
+    return MakePairsConfig
+
+
+def _run_make_pairs(config) -> int:
+    from mmed_rag.alignment.make_pairs import make_pairs
+    from mmed_rag.eval.examples import EvalInputError
+
+    try:
+        result = make_pairs(config)
+    except EvalInputError as error:
+        print(f"mmed-rag make-pairs: {error}", file=sys.stderr)
+        return 1
+    print(result.summary["table"])
+    print(f"wrote {result.stage1} and {result.stage2}")
+    return 0
+
+
 def _convert_config() -> type:
     from mmed_rag.generation.convert import ConvertConfig
 
@@ -278,6 +298,12 @@ STAGES = (
         "score predictions: VQA yes/no metrics, report metrics, or the copy-reliance analyses",
         _eval_config,
         _run_eval,
+    ),
+    Stage(
+        "make-pairs",
+        "RAG-PT preference pairs (one file per stage) from generate runs with/without retrieval and noise",
+        _make_pairs_config,
+        _run_make_pairs,
     ),
     Stage("demo", "run the smallest end-to-end path on generated data and report what it did", _demo_config, _run_demo),
 )

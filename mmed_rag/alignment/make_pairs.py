@@ -1,0 +1,155 @@
+"""``mmed-rag make-pairs``: the three ``generate`` runs of a training set in, one preference file per stage out.
+
+Run ``mmed-rag generate`` on the training questions (or reports) three times: as deployed, with
+``--no-retrieval`` and with ``--noised-image``. Each answer is judged (the parsed yes/no for VQA; a report
+similarity above the runs' mean for reports, see :mod:`mmed_rag.eval.correctness`) and
+:mod:`mmed_rag.alignment.pairs` turns the verdicts into pairs. Writes ``stage1.json``, ``stage2.json`` (release
+format), ``summary.json`` and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mmed_rag.alignment.pairs import AnsweredItem, Verdicts, build_pairs, count_types, split_stages, summary_table
+from mmed_rag.atomic import atomic_write_text
+from mmed_rag.config import ConfigError, save_config
+from mmed_rag.data.records import write_records
+from mmed_rag.eval.examples import EvalInputError, read_examples
+
+logger = logging.getLogger(__name__)
+
+RUNS = ("with_retrieval", "without_retrieval", "noised")
+
+
+@dataclass
+class MakePairsConfig:
+    """Where the three runs are, how answers are judged, and how stage 2 mixes the pair types."""
+
+    with_retrieval: str = field(default="", metadata={"help": "generate output: retrieved reports, real image"})
+    without_retrieval: str = field(default="", metadata={"help": "generate output run with --no-retrieval"})
+    noised: str = field(default="", metadata={"help": "generate output run with --noised-image"})
+    out: str = field(default="pairs", metadata={"help": "directory for stage1.json, stage2.json and the summary"})
+    task: Literal["vqa", "report"] = field(default="vqa", metadata={"help": "how answers are judged"})
+    gold: str | None = field(default=None, metadata={"help": "gold file (default: the answers in the runs)"})
+    judge_metric: str = field(default="BLEU-4", metadata={"help": "report task: similarity metric of a good report"})
+    judge_threshold: str = field(
+        default="mean", metadata={"help": "report task: good above this score, or 'mean' over the three runs"}
+    )
+    stage2_cross_ratio: float = field(
+        default=0.5, metadata={"help": "share of the cross-modality pairs stage 2 also trains on (seeded sample)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the stage-2 sample"})
+    on_error: Literal["raise", "skip"] = field(
+        default="raise", metadata={"help": "a record that cannot be judged: stop, or leave it out and list it"}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.stage2_cross_ratio <= 1.0:
+            raise ConfigError("stage2_cross_ratio must be in [0, 1]")
+        if self.judge_threshold != "mean":
+            try:
+                float(self.judge_threshold)
+            except ValueError:
+                raise ConfigError(f"judge_threshold must be a number or 'mean', got {self.judge_threshold!r}") from None
+
+
+@dataclass
+class PairsResult:
+    stage1: Path
+    stage2: Path
+    summary: dict
+    problems: list[str]
+
+
+def _answered_items(config: MakePairsConfig) -> tuple[list[AnsweredItem], list[str]]:
+    paths = {run: getattr(config, run) for run in RUNS}
+    missing = [f"--{run.replace('_', '-')}" for run, path in paths.items() if not path]
+    if missing:
+        raise ConfigError(f"make-pairs needs the three generate outputs; missing {', '.join(missing)}")
+    gold = (config.gold,) if config.gold else ()
+    runs = {run: read_examples([path], config.task, gold, on_error=config.on_error) for run, path in paths.items()}
+    problems = [problem for examples in runs.values() for problem in examples.problems]
+    by_key = {run: {example.key: example for example in examples} for run, examples in runs.items()}
+    keys = [key for key in by_key["with_retrieval"] if all(key in by_key[run] for run in RUNS)]
+    for run in RUNS:
+        unmatched = [key for key in by_key[run] if key not in keys]
+        if unmatched:
+            message = (
+                f"{paths[run]}: {len(unmatched)} id(s) not answered in all three runs, e.g. {unmatched[:5]}; "
+                f"run generate on the same input in every mode"
+            )
+            if config.on_error == "raise":
+                raise EvalInputError(message)
+            problems.append(message)
+    items = []
+    for key in keys:
+        reference = by_key["with_retrieval"][key]
+        if not reference.prompt:
+            message = f"{reference.where}: field 'prompt': missing (regenerate with this version of mmed-rag generate)"
+            if config.on_error == "raise":
+                raise EvalInputError(message)
+            problems.append(message)
+            continue
+        items.append(
+            AnsweredItem(
+                key=key,
+                image=reference.images[0],
+                gold=reference.gold,
+                prompt=reference.prompt,
+                with_retrieval=reference.prediction,
+                without_retrieval=by_key["without_retrieval"][key].prediction,
+                noised=by_key["noised"][key].prediction,
+                modality=reference.modality,
+            )
+        )
+    return items, problems
+
+
+def _verdicts(config: MakePairsConfig, items: list[AnsweredItem]) -> list[Verdicts]:
+    if config.task == "vqa":
+        from mmed_rag.eval.correctness import vqa_correct
+
+        return [Verdicts(*(vqa_correct(getattr(item, run), item.gold) for run in RUNS)) for item in items]
+    from mmed_rag.eval.correctness import ReportJudge
+
+    threshold = config.judge_threshold
+    judge = ReportJudge(config.judge_metric, threshold if threshold == "mean" else float(threshold))
+    golds = [item.gold for item in items]
+    good = judge.judge_runs({run: ([getattr(item, run) for item in items], golds) for run in RUNS})
+    return [Verdicts(*(good[run][index] for run in RUNS)) for index in range(len(items))]
+
+
+def make_pairs(config: MakePairsConfig) -> PairsResult:
+    """Judge the three runs, build the pairs, and write one preference file per stage plus the summary."""
+    items, problems = _answered_items(config)
+    if not items:
+        raise EvalInputError("no item is answered in all three runs: nothing to build pairs from")
+    verdicts = _verdicts(config, items)
+    pairs = build_pairs(items, verdicts)
+    stages = split_stages(pairs, config.stage2_cross_ratio, config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage1 = write_records(out / "stage1.json", [pair.record for pair in stages.stage1])
+    stage2 = write_records(out / "stage2.json", [pair.record for pair in stages.stage2])
+    counts = count_types(pairs)
+    summary = {
+        "items": len(items),
+        "accuracy": {run: sum(getattr(v, run) for v in verdicts) / len(verdicts) for run in RUNS},
+        "pairs": {f"{modality}/{kind}": n for (modality, kind), n in sorted(counts.items())},
+        "stage1": len(stages.stage1),
+        "stage2": len(stages.stage2),
+        "skipped": problems,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    table = summary_table(stages, pairs)
+    atomic_write_text(out / "summary.md", f"# RAG-PT preference pairs ({len(items)} items)\n\n{table}\n")
+    save_config(config, out, name="make-pairs.config.yaml")
+    for problem in problems:
+        logger.warning("left out: %s", problem)
+    logger.info("Wrote %d stage-1 and %d stage-2 pairs to %s", len(stages.stage1), len(stages.stage2), out)
+    return PairsResult(stage1, stage2, {**summary, "table": table}, problems)
