@@ -190,6 +190,24 @@ def _run_make_pairs(config) -> int:
     return 0
 
 
+def _merge_lora_config() -> type:
+    from mmed_rag.alignment.merge import MergeLoraConfig
+
+    return MergeLoraConfig
+
+
+def _run_merge_lora(config) -> int:
+    from mmed_rag.alignment.merge import MergeError, run_merge_lora
+
+    try:
+        out = run_merge_lora(config)
+    except MergeError as error:
+        print(f"mmed-rag merge-lora: {error}", file=sys.stderr)
+        return 1
+    print(f"merged {config.adapter} into {config.base} -> {out}")
+    return 0
+
+
 def _convert_config() -> type:
     from mmed_rag.generation.convert import ConvertConfig
 
@@ -305,8 +323,30 @@ STAGES = (
         _make_pairs_config,
         _run_make_pairs,
     ),
+    Stage(
+        "merge-lora",
+        "fold a RAG-PT LoRA adapter into its base model (one directory, no peft needed)",
+        _merge_lora_config,
+        _run_merge_lora,
+    ),
     Stage("demo", "run the smallest end-to-end path on generated data and report what it did", _demo_config, _run_demo),
 )
+
+
+def _train_dpo(argv: list[str]) -> int:
+    from mmed_rag.alignment.dpo import main as train_dpo_main
+
+    return train_dpo_main(argv)
+
+
+# Stages whose config is a transformers TrainingArguments subclass: HfArgumentParser parses their options (the
+# original scripts' flags included), so the rest of the command line goes to them untouched.
+PASSTHROUGH = {
+    "train-dpo": (
+        "RAG-PT: two-stage DPO + LoRA on preference pairs (the original train_dpo_2stages.py flags, or --config)",
+        _train_dpo,
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,12 +357,26 @@ def build_parser() -> argparse.ArgumentParser:
         sub = subparsers.add_parser(stage.name, help=stage.help, description=stage.help)
         add_config_arguments(sub, stage.config())
         sub.set_defaults(stage_spec=stage)
+    for name, (help_text, run) in PASSTHROUGH.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text, add_help=False)
+        sub.set_defaults(passthrough=run)
     return parser
+
+
+def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]] | None:
+    """(our options, the stage's arguments) when ``argv`` names a pass-through stage; argparse would read the
+    stage's options as its own."""
+    for position, token in enumerate(argv):
+        if not token.startswith("-"):
+            return (argv[: position + 1], argv[position + 1 :]) if token in PASSTHROUGH else None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = _split_passthrough(argv)
+    args = parser.parse_args(split[0] if split else argv)
     # Our own progress at INFO; third-party libraries (open_clip logs every step of model creation through the
     # root logger) only at WARNING unless --verbose.
     logging.basicConfig(
@@ -330,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("mmed_rag").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if split is not None:
+        return args.passthrough(split[1])
     stage: Stage = args.stage_spec
     try:
         config = config_from_args(stage.config(), args)
