@@ -82,6 +82,10 @@ class PipelineConfig:
         default=False,
         metadata={"help": "also write each VQA answer's P(yes) from its first token ('yes_probability', for AUC)"},
     )
+    yes_no_answers: bool = field(
+        default=False,
+        metadata={"help": "answer questions with the likelier of 'Yes'/'No' (constrained decoding), not free text"},
+    )
     adapter: str | None = field(default=None, metadata={"help": "LoRA adapter from preference tuning"})
     max_new_tokens: int = field(default=128, metadata={"help": "generated tokens at most"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
@@ -260,37 +264,44 @@ class MMedRAG:
                     prepared.append((record, modality, prompt, shown, reports, question is not None))
                 if not prepared:
                     continue
-                prompts, images = [p[2] for p in prepared], [[p[3]] for p in prepared]
-                outputs = [
-                    {
+                scores = self._yes_no_scores(prepared)
+                free = [index for index, item in enumerate(prepared) if not (self.config.yes_no_answers and item[5])]
+                texts = dict(
+                    zip(
+                        free,
+                        self.generator.generate([prepared[i][2] for i in free], [[prepared[i][3]] for i in free]),
+                        strict=True,
+                    )
+                )
+                outputs = []
+                for index, (record, modality, prompt, _, reports, _) in enumerate(prepared):
+                    line = {
                         **record.to_dict(),
                         "reference_reports": reports,
                         "retrieve_k": len(reports),
                         "modality": modality,
                         "prompt": prompt,
-                        "prediction": text,
+                        "prediction": texts[index] if index in texts else ("Yes" if scores[index] >= 0.5 else "No"),
                     }
-                    for (record, modality, prompt, _, reports, _), text in zip(
-                        prepared, self.generator.generate(prompts, images), strict=True
-                    )
-                ]
-                if self.config.yes_no_scores:
-                    self._add_yes_no_scores(outputs, prepared)
+                    if self.config.yes_no_scores and index in scores:
+                        line["yes_probability"] = scores[index]
+                    outputs.append(line)
                 append_lines(sink, outputs)
         written = finish(output)
         logger.info("Wrote %d prediction(s) to %s (%d skipped)", written, output, len(skipped))
         return RunSummary(output, written, len(done), skipped)
 
-    def _add_yes_no_scores(self, outputs: list[dict], prepared: list[tuple]) -> None:
-        """Add ``yes_probability`` to the VQA outputs of a batch (report outputs have no yes/no to score)."""
+    def _yes_no_scores(self, prepared: list[tuple]) -> dict[int, float]:
+        """P(yes) of the batch's questions by position, when asked for (report prompts have no yes/no)."""
+        if not (self.config.yes_no_scores or self.config.yes_no_answers):
+            return {}
         questions = [position for position, item in enumerate(prepared) if item[5]]
         if not questions:
-            return
+            return {}
         scores = self.generator.yes_no_probability(
             [prepared[position][2] for position in questions], [[prepared[position][3]] for position in questions]
         )
-        for position, score in zip(questions, scores, strict=True):
-            outputs[position]["yes_probability"] = score
+        return dict(zip(questions, scores, strict=True))
 
 
 def generate(config: PipelineConfig) -> RunSummary:

@@ -1,6 +1,7 @@
 """The pipeline end to end on phantoms with tiny models: route, retrieve, prompt, generate, resume."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from mmed_rag.pipeline import MMedRAG, PipelineConfig, PipelineError
 from mmed_rag.retrieval.clip import save_clip
 from mmed_rag.retrieval.index import ReportIndex
 from mmed_rag.testing import save_tiny_llava, tiny_clip
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +222,30 @@ def test_eval_reads_the_pipelines_outputs(setup, tmp_path):
     scores = json.loads((tmp_path / "report/metrics.json").read_text())["overall"]
     assert all(0.0 <= scores[name] for name in ("BLEU-1", "BLEU-4", "ROUGE-L", "METEOR", "CIDEr"))
     assert 0.0 <= scores["clinical_f1"]["micro"]["f1"] <= 1.0
+
+
+def test_rag_pt_from_generate_to_make_pairs_to_train_dpo(setup, tmp_path):
+    """The RAG-PT loop on phantoms: answer in three modes, build the pairs, train both DPO stages on them."""
+    vqa = setup / "data/test/vqa/radiology_test.jsonl"
+    modes = {"with-retrieval": {}, "without-retrieval": {"no_retrieval": True}, "noised": {"noised_image": True}}
+    runs = {}
+    for mode, overrides in modes.items():
+        pipeline = MMedRAG.from_config(setup / "generate.yaml", yes_no_answers=True, **overrides)
+        runs[mode] = pipeline.run_file(vqa, tmp_path / f"{mode}.jsonl").output
+        assert {line["prediction"] for line in lines(runs[mode])} <= {"Yes", "No"}  # constrained decoding
+    pairs = tmp_path / "pairs"
+    assert main(["make-pairs", "--out", str(pairs), *(a for m, p in runs.items() for a in (f"--{m}", str(p)))]) == 0
+    summary = json.loads((pairs / "summary.json").read_text())
+    assert summary["stage1"] > 0 and summary["stage2"] > 0
+    command = [
+        "train-dpo", "--config", str(CONFIGS / "dpo/phantoms.yaml"), "--model_name_or_path", str(setup / "llava"),
+        "--data_path", str(pairs / "stage1.json"), "--stage2_data_path", str(pairs / "stage2.json"),
+        "--image_folder", str(setup / "data/images"), "--output_dir", str(tmp_path / "rag-pt"), "--max_steps", "2",
+        "--per_device_train_batch_size", "2", "--save_strategy", "no",
+    ]  # fmt: skip
+    assert main(command) == 0
+    for stage in ("stage1", "stage2"):
+        assert (tmp_path / "rag-pt" / stage / "adapter_model.safetensors").is_file()
+        assert (tmp_path / "rag-pt" / stage / "curves.png").is_file()
+    tuned = MMedRAG.from_config(setup / "generate.yaml", adapter=str(tmp_path / "rag-pt/stage2"), yes_no_answers=True)
+    assert tuned.run_file(vqa, tmp_path / "tuned.jsonl").written == len(lines(runs["noised"]))
