@@ -98,3 +98,11 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         with Image.open(out / picture) as image:
             assert image.size[0] > 200
     assert (out / "config.yaml").is_file() and (out / "tiny-llava" / "config.json").is_file()
+
+
+def test_train_dpo_passes_its_options_to_hf_argument_parsing(capsys):
+    """`mmed-rag train-dpo` hands everything after the stage name to the DPO config parser (original flags too)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-dpo", "--help"])
+    assert exit_info.value.code == 0
+    assert "--stage2_data_path" in capsys.readouterr().out

@@ -1,6 +1,10 @@
 """The pipeline end to end on phantoms with tiny models: route, retrieve, prompt, generate, resume."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,13 @@ from mmed_rag.retrieval.clip import save_clip
 from mmed_rag.retrieval.index import ReportIndex
 from mmed_rag.testing import save_tiny_llava, tiny_clip
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -237,13 +247,30 @@ def test_rag_pt_from_generate_to_make_pairs_to_train_dpo(setup, tmp_path):
     assert main(["make-pairs", "--out", str(pairs), *(a for m, p in runs.items() for a in (f"--{m}", str(p)))]) == 0
     summary = json.loads((pairs / "summary.json").read_text())
     assert summary["stage1"] > 0 and summary["stage2"] > 0
-    command = [
-        "train-dpo", "--config", str(CONFIGS / "dpo/phantoms.yaml"), "--model_name_or_path", str(setup / "llava"),
-        "--data_path", str(pairs / "stage1.json"), "--stage2_data_path", str(pairs / "stage2.json"),
-        "--image_folder", str(setup / "data/images"), "--output_dir", str(tmp_path / "rag-pt"), "--max_steps", "2",
-        "--per_device_train_batch_size", "2", "--save_strategy", "no",
-    ]  # fmt: skip
-    assert main(command) == 0
+    # Training: the original command line (scripts/train_dpo_2stages.sh) under the deepspeed launcher, ZeRO-2.
+    script = {
+        "MODEL": str(setup / "llava"),
+        "DATA_STAGE1": str(pairs / "stage1.json"),
+        "DATA_STAGE2": str(pairs / "stage2.json"),
+        "IMAGE_FOLDER": str(setup / "data/images"),
+        "OUTPUT_DIR": str(tmp_path / "rag-pt"),
+        "DEEPSPEED_CONFIG": "configs/deepspeed/zero2.json",
+        "INCLUDE": "localhost:0",
+        "MASTER_PORT": str(free_port()),
+        "BF16": "False",
+        "DEEPSPEED": str(Path(sys.executable).parent / "deepspeed"),
+    }
+    tiny = ["--lora_r", "8", "--lora_alpha", "16", "--max_steps", "2", "--per_device_train_batch_size", "2"]
+    tiny += ["--learning_rate", "1e-3", "--save_strategy", "no", "--dataloader_num_workers", "0"]
+    trained = subprocess.run(
+        ["bash", "scripts/train_dpo_2stages.sh", *tiny],
+        cwd=REPO,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", **script},
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert trained.returncode == 0, (trained.stdout + trained.stderr)[-4000:]
     for stage in ("stage1", "stage2"):
         assert (tmp_path / "rag-pt" / stage / "adapter_model.safetensors").is_file()
         assert (tmp_path / "rag-pt" / stage / "curves.png").is_file()
