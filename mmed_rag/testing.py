@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 from importlib import resources
 from pathlib import Path
 
@@ -203,3 +204,10 @@ def tiny_clip(seed: int = 0, model: str = "tiny-clip"):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return create_clip(model)
+
+
+def free_port() -> int:
+    """A TCP port free right now on this machine, for a launcher's --master_port in tests run side by side."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

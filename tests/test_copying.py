@@ -60,3 +60,18 @@ def test_runs_must_answer_the_same_questions():
         copy_reliance(mismatched)
     with pytest.raises(ValueError, match="need the 'no_retrieval' run"):
         copy_reliance({"retrieval": {1: True}})
+
+
+def test_reports_of_all_runs_are_judged_against_one_cutoff():
+    from mmed_rag.eval.correctness import ReportJudge, judge_runs
+
+    golds = ["the heart is enlarged and there is a small left pleural effusion .", "the lungs are clear ."]
+    runs = {
+        "retrieval": (golds, golds),  # perfect: BLEU-4 about 1
+        "no_retrieval": (["no acute disease of any kind seen today", "normal chest radiograph at this time"], golds),
+    }
+    verdicts = judge_runs("report", runs, ReportJudge("BLEU-4", "mean"))
+    assert verdicts == {"retrieval": [True, True], "no_retrieval": [False, False]}
+    assert judge_runs("vqa", {"r": (["Yes.", "no"], ["Yes", "Yes"])}) == {"r": [True, False]}
+    with pytest.raises(ValueError, match="number or 'mean'"):
+        ReportJudge.from_options("BLEU-4", "median")

@@ -7,7 +7,6 @@ first DeepSpeed run on a machine compiles a communication extension (~35 s, cach
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from mmed_rag.testing import save_tiny_llava
+from mmed_rag.testing import free_port, save_tiny_llava
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -38,12 +37,6 @@ ENV = {
 # The tiny values that replace the original's sizes (the rest of the original command is kept as it is).
 TINY = ["--lora_r", "8", "--lora_alpha", "16", "--num_train_epochs", "1", "--per_device_train_batch_size", "2"]
 TINY += ["--learning_rate", "1e-3", "--warmup_ratio", "0", "--dataloader_num_workers", "1"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def pairs(path, noised_every):

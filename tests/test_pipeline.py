@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,15 +17,9 @@ from mmed_rag.generation.generator import Generator
 from mmed_rag.pipeline import MMedRAG, PipelineConfig, PipelineError
 from mmed_rag.retrieval.clip import save_clip
 from mmed_rag.retrieval.index import ReportIndex
-from mmed_rag.testing import save_tiny_llava, tiny_clip
+from mmed_rag.testing import free_port, save_tiny_llava, tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -51,11 +51,12 @@ class MakePairsConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.stage2_cross_ratio <= 1.0:
             raise ConfigError("stage2_cross_ratio must be in [0, 1]")
-        if self.judge_threshold != "mean":
-            try:
-                float(self.judge_threshold)
-            except ValueError:
-                raise ConfigError(f"judge_threshold must be a number or 'mean', got {self.judge_threshold!r}") from None
+        from mmed_rag.eval.correctness import ReportJudge
+
+        try:
+            ReportJudge.from_options(self.judge_metric, self.judge_threshold)
+        except ValueError as error:
+            raise ConfigError(f"judge_threshold: {error}") from None
 
 
 @dataclass
@@ -111,16 +112,14 @@ def _answered_items(config: MakePairsConfig) -> tuple[list[AnsweredItem], list[s
 
 
 def _verdicts(config: MakePairsConfig, items: list[AnsweredItem]) -> list[Verdicts]:
-    if config.task == "vqa":
-        from mmed_rag.eval.correctness import vqa_correct
+    from mmed_rag.eval.correctness import ReportJudge, judge_runs
 
-        return [Verdicts(*(vqa_correct(getattr(item, run), item.gold) for run in RUNS)) for item in items]
-    from mmed_rag.eval.correctness import ReportJudge
-
-    threshold = config.judge_threshold
-    judge = ReportJudge(config.judge_metric, threshold if threshold == "mean" else float(threshold))
     golds = [item.gold for item in items]
-    good = judge.judge_runs({run: ([getattr(item, run) for item in items], golds) for run in RUNS})
+    good = judge_runs(
+        config.task,
+        {run: ([getattr(item, run) for item in items], golds) for run in RUNS},
+        ReportJudge.from_options(config.judge_metric, config.judge_threshold) if config.task == "report" else None,
+    )
     return [Verdicts(*(good[run][index] for run in RUNS)) for index in range(len(items))]
 
 

@@ -31,18 +31,16 @@ class ReportJudge:
         if isinstance(self.threshold, str) and self.threshold != "mean":
             raise ValueError(f"threshold must be a number or 'mean', got {self.threshold!r}")
 
-    def scores(self, predictions: Sequence[str], golds: Sequence[str]) -> list[float]:
-        from mmed_rag.eval.report import score_reports
-
-        per_example = score_reports(predictions, golds, metrics=(self.metric,)).per_example
-        return [row[self.metric] for row in per_example]
+    @classmethod
+    def from_options(cls, metric: str, threshold: str) -> ReportJudge:
+        """From command-line strings: ``threshold`` is "mean" or a number."""
+        try:
+            return cls(metric, threshold if threshold == "mean" else float(threshold))
+        except ValueError:
+            raise ValueError(f"threshold must be a number or 'mean', got {threshold!r}") from None
 
     def cutoff(self, scores: Sequence[float]) -> float:
         return sum(scores) / len(scores) if self.threshold == "mean" else float(self.threshold)
-
-    def judge(self, predictions: Sequence[str], golds: Sequence[str]) -> list[bool]:
-        """Good or not, for each report; "mean" is taken over this set of reports."""
-        return self.judge_runs({"run": (predictions, golds)})["run"]
 
     def judge_runs(self, runs: Mapping[str, tuple[Sequence[str], Sequence[str]]]) -> dict[str, list[bool]]:
         """Good or not, for each report of several runs (``run -> (predictions, golds)``) against ONE cutoff.
@@ -50,9 +48,35 @@ class ReportJudge:
         Runs are compared question by question (with and without retrieval, real or noise image), so "mean" is
         the mean over all runs' scores: a per-run mean would move the bar with the run being judged.
         """
-        scores = {run: self.scores(*pair) if len(pair[0]) else [] for run, pair in runs.items()}
+        from mmed_rag.eval.report import ReportScorer
+
+        scores: dict[str, list[float]] = {}
+        with ReportScorer((self.metric,)) as scorer:  # one METEOR process for all runs, when METEOR judges
+            for run, (predictions, golds) in runs.items():
+                rows = scorer.score(predictions, golds).per_example if len(predictions) else []
+                scores[run] = [row[self.metric] for row in rows]
         pooled = [score for values in scores.values() for score in values]
         if not pooled:
             return {run: [] for run in runs}
         cutoff = self.cutoff(pooled)
         return {run: [score > cutoff for score in values] for run, values in scores.items()}
+
+
+def judge_runs(
+    task: str, runs: Mapping[str, tuple[Sequence[str], Sequence[str]]], judge: ReportJudge | None = None
+) -> dict[str, list[bool]]:
+    """Right or not, for every answer of several runs of one set (``run -> (predictions, golds)``).
+
+    VQA answers are judged one by one (:func:`vqa_correct`); reports by ``judge``, against one cutoff for all
+    runs (:meth:`ReportJudge.judge_runs`).
+    """
+    if task == "vqa":
+        return {
+            run: [vqa_correct(prediction, gold) for prediction, gold in zip(*pair, strict=True)]
+            for run, pair in runs.items()
+        }
+    if task == "report":
+        if judge is None:
+            raise ValueError("judging reports needs a ReportJudge (metric and threshold)")
+        return judge.judge_runs(runs)
+    raise ValueError(f"task must be 'vqa' or 'report', got {task!r}")

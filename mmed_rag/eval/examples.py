@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 Task = Literal["vqa", "report"]
 GOLD_FIELD: dict[str, str] = {"vqa": "answer", "report": "report"}
-RECORD_KIND: dict[str, str] = {"vqa": "vqa", "report": "report"}
 
 
 class EvalInputError(ValueError):
@@ -63,7 +62,7 @@ class ExampleSet:
 
 
 def _read(path: Path, task: Task, on_error: str):
-    result = read_records(path, RECORD_KIND[task], on_error=on_error)
+    result = read_records(path, task, on_error=on_error)  # the task names are record kinds
     return result, [str(error) for error in result.errors]
 
 

@@ -166,14 +166,18 @@ def _vqa(config: EvalConfig, examples: ExampleSet, out: Path) -> tuple[dict, lis
     return metrics, per_example, figures
 
 
+def _labelled_groups(metrics: dict, separator: str = " ") -> list[tuple[str, dict]]:
+    """("overall", ...), then ("dataset NAME", ...) and ("modality NAME", ...): the rows of tables and charts."""
+    rows = [("overall", metrics["overall"])]
+    for attribute in ("dataset", "modality"):
+        rows += [(f"{attribute}{separator}{name}", group) for name, group in metrics[f"by_{attribute}"].items()]
+    return rows
+
+
 def _accuracy_by_group(metrics: dict, path: Path) -> Path:
-    values, intervals = {"overall": metrics["overall"]["accuracy"]["value"]}, {}
-    intervals["overall"] = tuple(metrics["overall"]["accuracy"]["ci95"])
-    for attribute in ("by_dataset", "by_modality"):
-        for name, group in metrics[attribute].items():
-            label = f"{attribute[3:]}: {name}"
-            values[label] = group["accuracy"]["value"]
-            intervals[label] = tuple(group["accuracy"]["ci95"])
+    groups = _labelled_groups(metrics, ": ")
+    values = {label: group["accuracy"]["value"] for label, group in groups}
+    intervals = {label: tuple(group["accuracy"]["ci95"]) for label, group in groups}
     return plots.bar_chart(path, values, intervals, title="VQA accuracy (95% bootstrap interval)", ylabel="accuracy")
 
 
@@ -187,10 +191,7 @@ def _vqa_table(metrics: dict) -> str:
         low, high = entry["ci95"]
         return f"{entry['value']:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
 
-    rows = [("overall", metrics["overall"])]
-    rows += [(f"dataset {name}", group) for name, group in metrics["by_dataset"].items()]
-    rows += [(f"modality {name}", group) for name, group in metrics["by_modality"].items()]
-    for name, group in rows:
+    for name, group in _labelled_groups(metrics):
         counts = group["counts"]
         lines.append(
             f"| {name} | {counts['n']} | {counts['unparseable']} | "
@@ -234,8 +235,11 @@ def _report(config: EvalConfig, examples: ExampleSet, out: Path) -> tuple[dict, 
             }
     for example, row in zip(kept, per_example, strict=True):
         row.update(dataset=example.dataset, modality=example.modality)
-    values = {("CIDEr / 10" if name == "CIDEr" else name): overall[name] for name in config.report_metrics}
-    values = {name: value / 10 if name == "CIDEr / 10" else value for name, value in values.items()}
+    # CIDEr runs 0-10; a tenth of it shares the 0-1 axis of the others.
+    values = {
+        ("CIDEr / 10" if name == "CIDEr" else name): overall[name] / (10 if name == "CIDEr" else 1)
+        for name in config.report_metrics
+    }
     figures = [
         plots.bar_chart(
             out / "report_metrics.png", values, title=f"report metrics ({len(kept)} reports)", ylabel="score"
@@ -253,10 +257,7 @@ def _clinical_f1(examples: Sequence[Example], rows: Sequence[int]) -> dict:
 def _report_table(metrics: dict, names: Sequence[str]) -> str:
     extra = ["clinical F1 micro", "clinical F1 macro"]
     lines = ["| group | n | " + " | ".join([*names, *extra]) + " |", "|---" * (len(names) + len(extra) + 2) + "|"]
-    rows = [("overall", metrics["overall"])]
-    rows += [(f"dataset {name}", group) for name, group in metrics["by_dataset"].items()]
-    rows += [(f"modality {name}", group) for name, group in metrics["by_modality"].items()]
-    for label, group in rows:
+    for label, group in _labelled_groups(metrics):
         clinical = group.get("clinical_f1")
         cells = [f"{group[name]:.4f}" for name in names]
         cells += [f"{clinical['micro']['f1']:.4f}", f"{clinical['macro_f1']:.4f}"] if clinical else ["n/a", "n/a"]
@@ -269,7 +270,7 @@ def _report_table(metrics: dict, names: Sequence[str]) -> str:
 
 def _copying(config: EvalConfig, out: Path) -> tuple[dict, list[dict], list[Path], list[str]]:
     from mmed_rag.eval.copying import RUN_LABELS, copy_reliance
-    from mmed_rag.eval.correctness import ReportJudge, vqa_correct
+    from mmed_rag.eval.correctness import ReportJudge, judge_runs
 
     if len(config.pred) != 1 or len(config.gold) > 1:
         raise ConfigError("copying: give one --pred (the run with retrieval) and at most one --gold")
@@ -292,19 +293,14 @@ def _copying(config: EvalConfig, out: Path) -> tuple[dict, list[dict], list[Path
                 on_error=config.on_error,
             )
     problems = [problem for examples in runs.values() for problem in examples.problems]
-    if config.copying_task == "vqa":
-        correct = {
-            run: {e.key: vqa_correct(e.prediction, e.gold) for e in examples.examples} for run, examples in runs.items()
-        }
-    else:
-        threshold = config.judge_threshold
-        judge = ReportJudge(config.judge_metric, threshold if threshold == "mean" else float(threshold))
-        verdicts = judge.judge_runs(
-            {run: ([e.prediction for e in s.examples], [e.gold for e in s.examples]) for run, s in runs.items()}
-        )
-        correct = {
-            run: {e.key: good for e, good in zip(runs[run].examples, verdicts[run], strict=True)} for run in runs
-        }
+    verdicts = judge_runs(
+        config.copying_task,
+        {run: ([e.prediction for e in s.examples], [e.gold for e in s.examples]) for run, s in runs.items()},
+        ReportJudge.from_options(config.judge_metric, config.judge_threshold)
+        if config.copying_task == "report"
+        else None,
+    )
+    correct = {run: {e.key: good for e, good in zip(runs[run].examples, verdicts[run], strict=True)} for run in runs}
     try:
         report = copy_reliance(correct)
     except ValueError as error:
