@@ -1,7 +1,8 @@
 """Time and peak memory of one RAG-PT DPO training step, against a plain SFT step and a separate reference copy.
 
     python benchmarks/dpo_step.py [--size medium|tiny] [--pairs 4] [--warmup 1] [--steps 5]
-                                  [--lora-r 128] [--lora-alpha 256] [--gradient-checkpointing] [--json PATH]
+                                  [--lora-r 128] [--lora-alpha 256] [--gradient-checkpointing]
+                                  [--vocab-size 32000] [--json PATH]
 
 The issue's goals for our DPO step: one fused forward over chosen + rejected, peak memory <= 1.15x a plain SFT
 step on the same batch, tokens/s reported. The model is a LLaVA built from config (``--size medium``: about 50M
@@ -32,8 +33,9 @@ DPO, B for SFT), once each, over the median. Memory, two views:
 - tensors (exact, what a GPU's ``max_memory_allocated`` measures): ``held`` = the distinct tensor storages alive
   between steps (weights, LoRA, AdamW state, a reference copy, the batch); ``step allocations peak`` = the most
   bytes one more step holds at once on top of that, from the profiler's memory events; ``tensor peak`` = both.
-  Caveat: without Triton (a CPU), trl 1.16's fused log-prob head scores every position through one
-  ``(min(tokens, 4096), 32768)`` float32 tile whatever the vocabulary; the verdict prints its size.
+  The DPO variants project the answer tokens only onto the vocabulary
+  (:mod:`mmed_rag.alignment.answer_logprobs`); SFT's loss, the model's own, projects every position. That gap
+  grows with the vocabulary: ``--vocab-size 32000`` gives the head LLaVA-Med's width (Mistral's vocabulary).
 - RSS (the OS's view, allocator overhead included): ``baseline`` once the model and the batch exist, what every
   variant shares (freed heap trimmed first, so later allocations show); ``step peak`` = the RSS high-water mark
   over the timed steps (reset through ``/proc/self/clear_refs`` before them); ``increase`` = step peak - baseline;
@@ -138,10 +140,18 @@ def build_processor(size: str):
     )
 
 
-def build_model(size: str, processor):
-    """A seeded LLaVA of ``size`` in float32, built from config: every variant starts from the same weights."""
+def build_model(size: str, processor, vocab_size: int | None = None):
+    """A seeded LLaVA of ``size`` in float32, built from config: every variant starts from the same weights.
+
+    ``vocab_size`` widens the embedding and the LM head beyond the tokenizer's 720 words (the rows past them are
+    never used as input), to give the head the cost it has in LLaVA-Med (Mistral's 32,000)."""
     shape = SIZES[size]
-    return tiny_llava(0, tiny_llava_config(processor.tokenizer, vision=shape["vision"], text=shape["text"]))
+    config = tiny_llava_config(processor.tokenizer, vision=shape["vision"], text=shape["text"])
+    if vocab_size is not None:
+        if vocab_size < len(processor.tokenizer):
+            raise SystemExit(f"--vocab-size {vocab_size} is smaller than the tokenizer ({len(processor.tokenizer)})")
+        config.text_config.vocab_size = vocab_size
+    return tiny_llava(0, config)
 
 
 def preference_rows(pairs: int, image_size: int) -> list[dict[str, Any]]:
@@ -324,7 +334,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     """One variant, in this process: build, take the baseline, set up the variant, warm up, time, profile memory."""
     torch.manual_seed(0)
     processor = build_processor(args.size)
-    model = build_model(args.size, processor)
+    model = build_model(args.size, processor, args.vocab_size)
     parameters = sum(p.numel() for p in model.parameters())
     rows = preference_rows(args.pairs, processor.image_processor.crop_size["height"])
     batch = collate(processor, rows)
@@ -353,10 +363,12 @@ def measure(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "variant": variant,
         "parameters": parameters,
+        "vocab_size": model.config.text_config.vocab_size,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "dpo_batch_shape": list(batch["input_ids"].shape),
         "trained_rows": int(trained["input_ids"].shape[0]),
         "trained_tokens": tokens,
+        "answer_tokens": int(batch["completion_mask"][: int(trained["input_ids"].shape[0])].sum()),
         "seconds": seconds,
         "median_s": median,
         "best_s": min(seconds),
@@ -446,15 +458,14 @@ def verdict(results: dict[str, dict[str, Any]]) -> list[str]:
     return [
         f"- One fused policy forward over chosen + rejected: {'yes' if fused else 'NO'} ({ours['forwards_per_step']}).",
         f"- Memory goal, DPO step <= {MEMORY_GOAL}x the SFT step: {met}.",
-        f"- What a step allocates grows with the rows it trains on: {sft['step_allocation_peak_mib']:.0f} MiB for "
-        f"SFT's {sft['trained_rows']} rows, {ours['step_allocation_peak_mib']:.0f} MiB for DPO's {rows} "
-        f"(chosen + rejected). The reference forward runs without grad and keeps no activations, and LoRA keeps "
-        f"gradients and AdamW state small, so the gap is the rejected half's activations, plus trl's fused "
-        f"log-prob head: without Triton (a CPU) it scores every position through one (min(tokens, 4096), 32768) "
-        f"float32 tile whatever the vocabulary, the largest single allocation of ours' step "
-        f"({ours['largest_allocation_mib']:.0f} MiB, vs {sft['largest_allocation_mib']:.0f} MiB in SFT's); only "
-        f"the vocabulary's columns are touched, so RSS hardly sees it. Shared weights bring the ratio toward 1x "
-        f"only where they dominate the peak (a 7B model).",
+        f"- What one more step allocates: {sft['step_allocation_peak_mib']:.0f} MiB for SFT's "
+        f"{sft['trained_rows']} rows, {ours['step_allocation_peak_mib']:.0f} MiB for DPO's {rows} (chosen + "
+        f"rejected). DPO keeps the activations of twice the rows; the reference forward runs without grad and keeps "
+        f"none. SFT's loss projects all {sft['trained_tokens']} positions of its rows onto the "
+        f"{ours['vocab_size']}-word vocabulary, DPO's head only the {ours['answer_tokens']} answer tokens of its rows. "
+        f"Which side wins depends on vocabulary x prompt length against activations (gradient checkpointing, the "
+        f"original's setting, shrinks the activations); weights and AdamW state are shared, so a 7B model's ratio "
+        f"sits nearer 1x.",
         f"- A separate reference copy holds {separate['tensors_held_mib'] - ours['tensors_held_mib']:+.0f} MiB more "
         f"tensors (tensor peak {separate['tensor_peak_mib'] / ours['tensor_peak_mib']:.2f}x ours) and takes "
         f"{separate['median_s'] / ours['median_s']:.2f}x the step time; the same losses as ours: "
@@ -480,6 +491,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward (MMed-RAG's setting)"
     )
+    parser.add_argument(
+        "--vocab-size", type=_positive, help="LM head width (default: the tokenizer's 720; LLaVA-Med: 32000)"
+    )
     parser.add_argument("--json", type=Path, help="also write every variant's measurements here")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -502,7 +516,8 @@ def main() -> None:
     first = results["sft"]
     checkpointing = "on" if args.gradient_checkpointing else "off"
     print(
-        f"\n{args.size} LLaVA, {first['parameters'] / 1e6:.1f}M parameters; LoRA r {args.lora_r}, alpha "
+        f"\n{args.size} LLaVA, {first['parameters'] / 1e6:.1f}M parameters, vocabulary {first['vocab_size']}; "
+        f"LoRA r {args.lora_r}, alpha "
         f"{args.lora_alpha} + projector: {first['trainable_parameters'] / 1e6:.1f}M trainable; {args.pairs} pairs, "
         f"DPO batch {tuple(first['dpo_batch_shape'])}; gradient checkpointing {checkpointing}; "
         f"{args.steps} timed steps after {args.warmup} warm-up; {torch.get_num_threads()} torch threads\n"

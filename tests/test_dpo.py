@@ -217,6 +217,44 @@ def test_the_dpo_loss_depends_on_the_rejected_image(workspace, tmp_path):
     assert abs(losses[1] - math.log(2)) > 1e-4  # the rejected side scored on the noise image
 
 
+def test_the_fused_head_projects_answer_tokens_only_with_the_full_logits_numbers(workspace, tmp_path, monkeypatch):
+    """On a CPU trl's head would project every position; ours projects the answer tokens, to the same log-probs and
+    gradients as the model's own full logits."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    trainer = MMedRAGDPOTrainer(
+        model=AutoModelForImageTextToText.from_pretrained(workspace.base),
+        args=MMedRAGDPOConfig(output_dir=str(tmp_path / "out"), **TINY),
+        train_dataset=preference_dataset(workspace.stage1, workspace.images),
+        processing_class=tiny_processor(),
+        peft_config=lora_config(MMedRAGDPOConfig(lora_r=8, lora_alpha=16)),
+    )
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    batch = trainer.data_collator(list(preference_dataset(workspace.stage1, workspace.images))[:2])
+    inputs = {key: value for key, value in batch.items() if key != "completion_mask"}
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    lora = [param for name, param in trainer.model.named_parameters() if "lora_B" in name]
+
+    projected = []
+    apply = ChunkedLogProbFunction.apply
+    monkeypatch.setattr(ChunkedLogProbFunction, "apply", lambda *args: projected.append(len(args[0])) or apply(*args))
+    fused = trainer.model(**inputs, labels=labels, fused_lm_head=True).log_probs
+    fused_grads = torch.autograd.grad(fused.sum(), lora)
+
+    logits = trainer.model(**inputs).logits[:, :-1].float()
+    mask = labels[:, 1:] != -100
+    full = logits.log_softmax(-1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    full_grads = torch.autograd.grad(full.sum(), lora)
+
+    assert projected == [int(mask.sum())] and int(mask.sum()) < mask.numel() / 4  # answers only, not prompts
+    torch.testing.assert_close(fused, full, atol=1e-5, rtol=1e-5)
+    for ours, reference in zip(fused_grads, full_grads, strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+
+
 # -- two stages on the tiny LLaVA ---------------------------------------------------------------------------------
 
 

@@ -418,6 +418,8 @@ class MMedRAGDPOTrainer(DPOTrainer):
       LoRA group, so the logged ``learning_rate`` is the LoRA one (like LLaVA's trainer);
     - a loaded adapter (stage 2) gets trl's frozen ``"ref"`` copy as reference only with
       ``stage2_reference="stage1"``; by default it is removed and the reference is the adapter disabled;
+    - the fused log-prob head projects the answer tokens only on every eager device, CPU included
+      (:mod:`~mmed_rag.alignment.answer_logprobs`);
     - saves write the trained ``"default"`` adapter only (trl's ``"ref"`` copy breaks ZeRO-3 saves otherwise).
     """
 
@@ -456,6 +458,7 @@ class MMedRAGDPOTrainer(DPOTrainer):
             processing_class=processing_class,
             **kwargs,
         )
+        self._score_answer_tokens_only()
         if "ref" in getattr(self.model, "peft_config", {}):
             if getattr(self.args, "stage2_reference", "base") == "base":
                 self.model.delete_adapter("ref")
@@ -463,6 +466,16 @@ class MMedRAGDPOTrainer(DPOTrainer):
                 logger.info("Reference model: the base model (adapter disabled), as the original stage 2.")
             else:
                 logger.info("Reference model: the frozen copy of the loaded (stage-1) adapter.")
+
+    def _score_answer_tokens_only(self) -> None:
+        from peft import PeftModel
+
+        from mmed_rag.alignment.answer_logprobs import DPO_OUTPUTS, score_answer_tokens_only
+
+        policy = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        score_answer_tokens_only(policy, DPO_OUTPUTS + (("log_sum_sq_probs",) if self.use_weighting else ()))
+        if self.ref_model is not None:
+            score_answer_tokens_only(self.ref_model, ("log_probs",))
 
     def _set_signature_columns_if_needed(self) -> None:
         from mmed_rag.alignment.dataset import PAIR_COLUMNS
