@@ -32,6 +32,9 @@ CORE = [
     "tensorboard>=2.16",
     "wandb>=0.18",
     "tokenizers>=0.21",
+    # LLaVA-Med ships its tokenizer as a sentencepiece tokenizer.model only; reading it needs both
+    "sentencepiece>=0.2",
+    "protobuf>=4",
     "safetensors>=0.4",
 ]
 

@@ -401,6 +401,58 @@ def test_unknown_and_missing_weights_are_listed(tmp_path, original, tiny_preset)
     )
 
 
+def sentencepiece_only(directory: Path) -> Path:
+    """Replace the source's tokenizer files by a sentencepiece ``tokenizer.model`` and LLaVA-Med's config for it."""
+    import sentencepiece
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (directory / name).unlink(missing_ok=True)
+    corpus = ["The heart is normal in size.", "There is a small left pleural effusion.", "The lungs are clear."]
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus * 20),
+        model_prefix=str(directory / "tokenizer"),
+        vocab_size=300,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    (directory / "tokenizer.vocab").unlink()
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": None,
+        "legacy": True,
+        "model_max_length": 2048,
+        "padding_side": "right",
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory / "tokenizer.model"
+
+
+def test_a_sentencepiece_only_tokenizer_converts_to_the_same_token_ids(tmp_path, original, tiny_preset):
+    """LLaVA-Med ships its Mistral tokenizer as tokenizer.model only: it loads (sentencepiece and protobuf are
+    dependencies) and the converted tokenizer encodes like sentencepiece itself, <image> added as one token."""
+    import sentencepiece
+
+    src = write_original(tmp_path / "llava-med", original, vision_inside=True)
+    model_file = sentencepiece_only(src)
+    dst = convert_llava_med(ConvertConfig(src=str(src), dst=str(tmp_path / "hf")))
+    tokenizer = AutoProcessor.from_pretrained(dst).tokenizer
+    text = "The heart is clear. No effusion."
+    expected = sentencepiece.SentencePieceProcessor(model_file=str(model_file)).encode(text)
+    assert tokenizer(text).input_ids == [1, *expected]
+    assert tokenizer("<image>\nThe heart").input_ids[1] == tokenizer.convert_tokens_to_ids("<image>") == 300
+    assert tokenizer.pad_token == "<unk>"  # LLaVA pads with unk when the tokenizer has no pad token
+
+
 def test_existing_destination_is_kept_unless_overwrite(tmp_path, original, tiny_preset):
     src = write_original(tmp_path / "llava-med", original, vision_inside=True)
     dst = tmp_path / "hf"

@@ -574,15 +574,44 @@ def _check_paths(src: Path, dst: Path, vision_dir: Path | None, overwrite: bool)
         raise ConversionError(f"Destination {dst} exists; pass --overwrite to replace it.")
 
 
-def _load_tokenizer(src: Path, text_config: PreTrainedConfig):
+def _declared_tokenizer_class(src: Path) -> str | None:
+    config = src / "tokenizer_config.json"
+    if not config.is_file():
+        return None
     try:
-        # The text config tells AutoTokenizer the tokenizer family when tokenizer_config.json does not, and keeps
-        # it from reading SRC/config.json, whose llava_mistral model type transformers does not know.
-        return AutoTokenizer.from_pretrained(src, config=text_config)
+        return json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"{config} is not valid JSON: {error}") from None
+
+
+def _load_tokenizer(src: Path, text_config: PreTrainedConfig):
+    """The source's tokenizer, as the class its tokenizer_config.json declares.
+
+    The declared class comes first: given the Mistral text config, AutoTokenizer would load a ``LlamaTokenizer``
+    shipped as a sentencepiece ``tokenizer.model`` only (LLaVA-Med's) through the generic tokenizers backend, which
+    encodes differently (``▁The`` split into ``▁`` + ``The``). The text config tells AutoTokenizer the family only
+    when nothing is declared, and keeps it from reading SRC/config.json, whose llava_mistral model type transformers
+    does not know.
+    """
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    declared = _declared_tokenizer_class(src)
+    tokenizer_class = None
+    if declared is not None:
+        tokenizer_class = tokenizer_class_from_name(declared) or tokenizer_class_from_name(declared + "Fast")
+        if tokenizer_class is None:
+            raise ConversionError(
+                f"{src}/tokenizer_config.json declares tokenizer_class {declared!r}, which transformers does not "
+                f"have (remote tokenizer code is not run)."
+            )
+    try:
+        if tokenizer_class is None:
+            return AutoTokenizer.from_pretrained(src, config=text_config)
+        return tokenizer_class.from_pretrained(src)
     except (OSError, ValueError, ImportError) as error:
         raise ConversionError(
             f"Cannot load the tokenizer of {src} ({type(error).__name__}: {error}). A tokenizer given only as a "
-            f"sentencepiece tokenizer.model needs the sentencepiece package (pip install sentencepiece)."
+            f"sentencepiece tokenizer.model needs the sentencepiece and protobuf packages (dependencies of mmed-rag)."
         ) from None
 
 
