@@ -255,6 +255,19 @@ def test_the_fused_head_projects_answer_tokens_only_with_the_full_logits_numbers
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
 
 
+def test_a_head_that_caps_its_logits_keeps_trls_forward():
+    """Soft-capped or scaled logits are trl's to reproduce: the answer-token head steps aside for them."""
+    from mmed_rag.alignment.answer_logprobs import score_answer_tokens_only
+
+    model = tiny_llava()
+    plain = model.forward
+    assert score_answer_tokens_only(model) and model.forward != plain
+    capped = tiny_llava()
+    capped.config.text_config.final_logit_softcapping = 30.0
+    original = capped.forward
+    assert not score_answer_tokens_only(capped) and capped.forward == original
+
+
 # -- two stages on the tiny LLaVA ---------------------------------------------------------------------------------
 
 
