@@ -401,8 +401,9 @@ def test_unknown_and_missing_weights_are_listed(tmp_path, original, tiny_preset)
     )
 
 
-def sentencepiece_only(directory: Path) -> Path:
-    """Replace the source's tokenizer files by a sentencepiece ``tokenizer.model`` and LLaVA-Med's config for it."""
+def sentencepiece_only(directory: Path, legacy: bool | None) -> Path:
+    """Replace the source's tokenizer files by a sentencepiece ``tokenizer.model`` (Llama's normalisation) and a
+    LlamaTokenizer config for it, with ``legacy`` set or (None) left to transformers' default."""
     import sentencepiece
 
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -418,6 +419,9 @@ def sentencepiece_only(directory: Path) -> Path:
         bos_id=1,
         eos_id=2,
         pad_id=-1,
+        normalization_rule_name="identity",  # Llama / Mistral's settings
+        remove_extra_whitespaces=False,
+        split_digits=True,
         minloglevel=2,
     )
     (directory / "tokenizer.vocab").unlink()
@@ -429,28 +433,30 @@ def sentencepiece_only(directory: Path) -> Path:
         "eos_token": "</s>",
         "unk_token": "<unk>",
         "pad_token": None,
-        "legacy": True,
         "model_max_length": 2048,
         "padding_side": "right",
-    }
+    } | ({} if legacy is None else {"legacy": legacy})
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory / "tokenizer.model"
 
 
-def test_a_sentencepiece_only_tokenizer_converts_to_the_same_token_ids(tmp_path, original, tiny_preset):
+@pytest.mark.parametrize("legacy", [None, False, True])
+def test_a_sentencepiece_only_tokenizer_encodes_prompts_as_llava_did(tmp_path, original, tiny_preset, legacy):
     """LLaVA-Med ships its Mistral tokenizer as tokenizer.model only: it loads (sentencepiece and protobuf are
-    dependencies) and the converted tokenizer encodes like sentencepiece itself, <image> added as one token."""
+    dependencies), and a prompt encodes as LLaVA's tokenizer_image_token encoded it: sentencepiece on each chunk
+    between <image> markers, one BOS, <image> as one token. Whatever the config says of ``legacy``."""
     import sentencepiece
 
     src = write_original(tmp_path / "llava-med", original, vision_inside=True)
-    model_file = sentencepiece_only(src)
+    model_file = sentencepiece_only(src, legacy)
     dst = convert_llava_med(ConvertConfig(src=str(src), dst=str(tmp_path / "hf")))
     tokenizer = AutoProcessor.from_pretrained(dst).tokenizer
-    text = "The heart is clear. No effusion."
-    expected = sentencepiece.SentencePieceProcessor(model_file=str(model_file)).encode(text)
-    assert tokenizer(text).input_ids == [1, *expected]
-    assert tokenizer("<image>\nThe heart").input_ids[1] == tokenizer.convert_tokens_to_ids("<image>") == 300
-    assert tokenizer.pad_token == "<unk>"  # LLaVA pads with unk when the tokenizer has no pad token
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    encode = sentencepiece.SentencePieceProcessor(model_file=str(model_file)).encode
+    prompt = "[INST] <image>\nIs the heart normal in size? 12 mm. [/INST]"
+    before, after = prompt.split("<image>")
+    assert tokenizer(prompt).input_ids == [1, *encode(before), image_id, *encode(after)]
+    assert image_id == 300 and tokenizer.pad_token == "<unk>"  # LLaVA pads with unk when there is no pad token
 
 
 def test_existing_destination_is_kept_unless_overwrite(tmp_path, original, tiny_preset):

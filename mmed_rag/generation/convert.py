@@ -423,6 +423,7 @@ def convert_llava_med(config: ConvertConfig) -> Path:
 
     text_config = text_config_from(llava_config)
     tokenizer = _load_tokenizer(src, text_config)
+    _tokenize_image_chunks_separately(tokenizer)
     tokenizer_before = len(tokenizer)
     if IMAGE_TOKEN in tokenizer.get_vocab():
         logger.warning("The source tokenizer already has %s; reusing its id.", IMAGE_TOKEN)
@@ -613,6 +614,25 @@ def _load_tokenizer(src: Path, text_config: PreTrainedConfig):
             f"Cannot load the tokenizer of {src} ({type(error).__name__}: {error}). A tokenizer given only as a "
             f"sentencepiece tokenizer.model needs the sentencepiece and protobuf packages (dependencies of mmed-rag)."
         ) from None
+
+
+def _tokenize_image_chunks_separately(tokenizer) -> None:
+    """Give the text after ``<image>`` the word-start marker, as LLaVA's ``tokenizer_image_token`` did.
+
+    LLaVA tokenises the prompt chunk by chunk between ``<image>`` markers, so each chunk starts like a fresh sequence
+    (sentencepiece's ``▁`` prefix). A Metaspace pre-tokenizer does the same with ``prepend_scheme="always"``;
+    transformers 5 builds LLaVA-Med's LlamaTokenizer with ``"first"`` (``legacy=False``), which would drop that ``▁``
+    and shift every prompt the model was trained on.
+    """
+    from tokenizers import pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre_tokenizer = backend.pre_tokenizer if backend is not None else None
+    if isinstance(pre_tokenizer, pre_tokenizers.Metaspace) and pre_tokenizer.prepend_scheme == "first":
+        pre_tokenizer.prepend_scheme = "always"
+        backend.pre_tokenizer = pre_tokenizer
+        tokenizer.legacy = True  # what transformers rebuilds "always" from
+        logger.info("Tokenizer: text after <image> starts a new word, as LLaVA tokenised prompt chunks.")
 
 
 def _warn_if_towers_differ(renamed: dict[str, torch.Tensor], vision_dir: Path) -> None:
