@@ -35,8 +35,10 @@ def _plain_head(text_config) -> bool:
         getattr(text_config, name, None) is not None
         for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier")
     )
-    return not scaled and getattr(text_config, "logits_scaling", None) is None and not getattr(
-        text_config, "output_router_logits", False
+    return (
+        not scaled
+        and getattr(text_config, "logits_scaling", None) is None
+        and not getattr(text_config, "output_router_logits", False)
     )
 
 
@@ -66,10 +68,11 @@ def score_answer_tokens_only(model, outputs: tuple[str, ...] = DPO_OUTPUTS) -> b
                 **kwargs,
             )
         kwargs["use_cache"] = False
-        hidden_states = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-        labels = labels[:, 1:].to(hidden_states.device)
-        mask = labels != -100
         lm_head = self.get_output_embeddings()
+        # split across devices (device_map), the backbone can end on another device than the head
+        hidden_states = self.base_model(*args, **kwargs).last_hidden_state[:, :-1].to(lm_head.weight.device)
+        labels = labels[:, 1:].to(lm_head.weight.device)
+        mask = labels != -100
         with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias):
             tile_width = min(lm_head.weight.shape[0], MAX_TILE_WIDTH)
             per_token = ChunkedLogProbFunction.apply(
@@ -92,4 +95,3 @@ def score_answer_tokens_only(model, outputs: tuple[str, ...] = DPO_OUTPUTS) -> b
 
     model.forward = types.MethodType(forward, model)
     return True
-
