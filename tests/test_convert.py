@@ -450,12 +450,16 @@ def test_a_sentencepiece_only_tokenizer_encodes_prompts_as_llava_did(tmp_path, o
     src = write_original(tmp_path / "llava-med", original, vision_inside=True)
     model_file = sentencepiece_only(src, legacy)
     dst = convert_llava_med(ConvertConfig(src=str(src), dst=str(tmp_path / "hf")))
-    tokenizer = AutoProcessor.from_pretrained(dst).tokenizer
+    processor = AutoProcessor.from_pretrained(dst)
+    tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     encode = sentencepiece.SentencePieceProcessor(model_file=str(model_file)).encode
     prompt = "[INST] <image>\nIs the heart normal in size? 12 mm. [/INST]"
     before, after = prompt.split("<image>")
     assert tokenizer(prompt).input_ids == [1, *encode(before), image_id, *encode(after)]
+    # The processor expands <image> to one token per patch; the text around them encodes the same.
+    expanded = processor(text=prompt, images=image((40, 30)), return_tensors="pt").input_ids[0].tolist()
+    assert expanded == [1, *encode(before), *[image_id] * IMAGE_TOKENS, *encode(after)]
     assert image_id == 300 and tokenizer.pad_token == "<unk>"  # LLaVA pads with unk when there is no pad token
 
 
