@@ -68,7 +68,9 @@ from transformers import LlavaProcessor
 
 from mmed_rag.alignment.collator import RAGPreferenceCollator
 from mmed_rag.alignment.dataset import user_text
-from mmed_rag.alignment.dpo import MMedRAGDPOConfig, MMedRAGDPOTrainer, lora_config
+from mmed_rag.alignment.dpo import lora_config
+from mmed_rag.alignment.dpo_config import MMedRAGDPOConfig
+from mmed_rag.alignment.trainer import MMedRAGDPOTrainer
 from mmed_rag.chat_templates import LLAVA_MED_MISTRAL, load_chat_template
 from mmed_rag.generation.prompts import build_prompt
 from mmed_rag.testing import tiny_image_processor, tiny_llava, tiny_llava_config, tiny_processor, tiny_tokenizer

@@ -17,17 +17,10 @@ from transformers import AutoModelForImageTextToText, TrainerCallback
 
 from mmed_rag.alignment.collator import RAGPreferenceCollator, pair_noise
 from mmed_rag.alignment.dataset import load_preference_pairs, preference_dataset, user_text
-from mmed_rag.alignment.dpo import (
-    PROJECTOR,
-    DPOError,
-    MMedRAGDPOConfig,
-    MMedRAGDPOTrainer,
-    StageMismatchError,
-    architecture_warnings,
-    lora_config,
-    parse_dpo_args,
-    train_dpo_2stages,
-)
+from mmed_rag.alignment.dpo import lora_config, parse_dpo_args, train_dpo_2stages
+from mmed_rag.alignment.dpo_config import PROJECTOR, DPOError, MMedRAGDPOConfig, StageMismatchError
+from mmed_rag.alignment.original_flags import architecture_warnings
+from mmed_rag.alignment.trainer import MMedRAGDPOTrainer
 from mmed_rag.cli import main
 from mmed_rag.config import ConfigError
 from mmed_rag.data.images import open_image
