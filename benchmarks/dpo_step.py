@@ -261,8 +261,8 @@ def tensor_bytes(*holders) -> int:
     return sum(storages.values())
 
 
-def allocations(function) -> tuple[int, int]:
-    """(peak, largest): the most tensor bytes ``function()`` held allocated at once, and its largest allocation.
+def allocation_peak(function) -> int:
+    """The most tensor bytes ``function()`` held allocated at once.
 
     From the profiler's CPU memory events, so exact and free of allocator fragmentation: what
     ``torch.cuda.max_memory_allocated`` would add on a GPU over the tensors that already existed.
@@ -272,7 +272,7 @@ def allocations(function) -> tuple[int, int]:
     # kineto_results: the raw events the profiler's own tables are built from, memory events included
     events = sorted(profiler.profiler.kineto_results.events(), key=lambda event: event.start_ns())
     changes = [event.nbytes() for event in events if event.name() == "[memory]"]
-    return max(itertools.accumulate(changes, initial=0)), max(changes, default=0)
+    return max(itertools.accumulate(changes, initial=0))
 
 
 class ForwardLog:
@@ -358,7 +358,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     held = tensor_bytes(
         *(holder for holder in (trainer.model, ref_model, trainer.optimizer, batch) if holder is not None)
     )
-    allocated, largest = allocations(lambda: train_step(trainer, loss_fn))
+    allocated = allocation_peak(lambda: train_step(trainer, loss_fn))
     median = statistics.median(seconds)
     tokens = int(trained["attention_mask"].sum())
     mib = 1 / 1024**2
@@ -384,7 +384,6 @@ def measure(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         "tensors_held_mib": held * mib,
         "step_allocation_peak_mib": allocated * mib,
         "tensor_peak_mib": (held + allocated) * mib,
-        "largest_allocation_mib": largest * mib,
     }
 
 
