@@ -590,9 +590,9 @@ def _load_tokenizer(src: Path, text_config: PreTrainedConfig):
 
     The declared class comes first: given the Mistral text config, AutoTokenizer would load a ``LlamaTokenizer``
     shipped as a sentencepiece ``tokenizer.model`` only (LLaVA-Med's) through the generic tokenizers backend, which
-    encodes differently (``▁The`` split into ``▁`` + ``The``). The text config tells AutoTokenizer the family only
-    when nothing is declared, and keeps it from reading SRC/config.json, whose llava_mistral model type transformers
-    does not know.
+    encodes differently (no word-start ``▁`` on the first word: ``▁The`` becomes ``T`` + ``he``). The text config
+    tells AutoTokenizer the family only when nothing is declared, and keeps it from reading SRC/config.json, whose
+    llava_mistral model type transformers does not know.
     """
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
