@@ -23,6 +23,8 @@ CORE = [
     "pillow>=10.0",
     "pyyaml>=6.0",
     "tqdm>=4.66",
+    # output locks: flock with the holder written into the lock file (on_acquired), soft lock where flock is missing
+    "filelock>=4.3",
     "numpy>=1.26",
     "scikit-learn>=1.5",
     "scipy>=1.11",

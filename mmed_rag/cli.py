@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mmed_rag.config import ConfigError, add_config_arguments, config_from_args
+from mmed_rag.config import add_config_arguments, config_from_args
+from mmed_rag.errors import EXIT_BAD_INPUT, MMedRAGError
 
 
 @dataclass(frozen=True)
@@ -157,14 +159,9 @@ def _eval_config() -> type:
 
 
 def _run_eval(config) -> int:
-    from mmed_rag.eval.examples import EvalInputError
     from mmed_rag.eval.run import evaluate
 
-    try:
-        result = evaluate(config)
-    except EvalInputError as error:
-        print(f"mmed-rag eval: {error}", file=sys.stderr)
-        return 1
+    result = evaluate(config)
     print((result.out / "metrics.md").read_text(encoding="utf-8"))
     print(f"wrote {', '.join(path.name for path in result.files)} to {result.out}")
     return 0
@@ -178,13 +175,8 @@ def _make_pairs_config() -> type:
 
 def _run_make_pairs(config) -> int:
     from mmed_rag.alignment.make_pairs import make_pairs
-    from mmed_rag.eval.examples import EvalInputError
 
-    try:
-        result = make_pairs(config)
-    except EvalInputError as error:
-        print(f"mmed-rag make-pairs: {error}", file=sys.stderr)
-        return 1
+    result = make_pairs(config)
     print(result.summary["table"])
     print(f"wrote {result.stage1} and {result.stage2}")
     return 0
@@ -197,13 +189,9 @@ def _merge_lora_config() -> type:
 
 
 def _run_merge_lora(config) -> int:
-    from mmed_rag.alignment.merge import MergeError, run_merge_lora
+    from mmed_rag.alignment.merge import run_merge_lora
 
-    try:
-        out = run_merge_lora(config)
-    except MergeError as error:
-        print(f"mmed-rag merge-lora: {error}", file=sys.stderr)
-        return 1
+    out = run_merge_lora(config)
     print(f"merged {config.adapter} into {config.base} -> {out}")
     return 0
 
@@ -215,13 +203,9 @@ def _convert_config() -> type:
 
 
 def _run_convert(config) -> int:
-    from mmed_rag.generation.convert import ConversionError, convert_llava_med
+    from mmed_rag.generation.convert import convert_llava_med
 
-    try:
-        destination = convert_llava_med(config)
-    except ConversionError as error:
-        print(f"mmed-rag convert-llava-med: {error}", file=sys.stderr)
-        return 1
+    destination = convert_llava_med(config)
     print(f"converted {config.src} -> {destination} (transformers LlavaForConditionalGeneration + processor)")
     return 0
 
@@ -333,10 +317,10 @@ STAGES = (
 )
 
 
-def _train_dpo(argv: list[str]) -> int:
+def _train_dpo(argv: list[str], verbose: bool = False) -> int:
     from mmed_rag.alignment.dpo import main as train_dpo_main
 
-    return train_dpo_main(argv)
+    return train_dpo_main(argv, verbose=verbose)
 
 
 # Stages whose config is a transformers TrainingArguments subclass: HfArgumentParser parses their options (the
@@ -385,13 +369,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("mmed_rag").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if split is not None:
-        return args.passthrough(split[1])
+        return args.passthrough(split[1], verbose=args.verbose)
     stage: Stage = args.stage_spec
+    return run_reporting_errors(stage.name, lambda: stage.run(config_from_args(stage.config(), args)), args.verbose)
+
+
+def run_reporting_errors(stage: str, run: Callable[[], int], verbose: bool = False) -> int:
+    """``run()``; bad input or a bad artefact (:class:`MMedRAGError`) becomes one line on stderr and exit code 2.
+
+    The line is ``mmed-rag STAGE: message``; the traceback too with ``--verbose``. Any other exception is a bug
+    and propagates with its traceback.
+    """
     try:
-        config = config_from_args(stage.config(), args)
-    except ConfigError as error:
-        parser.exit(2, f"mmed-rag {stage.name}: {error}\n")
-    return stage.run(config)
+        return run()
+    except MMedRAGError as error:
+        if verbose:
+            traceback.print_exc()
+        print(f"mmed-rag {stage}: {one_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a KeyError's message without the quotes ``str`` adds)."""
+    message = error.args[0] if isinstance(error, KeyError) and len(error.args) == 1 else str(error)
+    return " ".join(str(message).split())
 
 
 if __name__ == "__main__":

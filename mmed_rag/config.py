@@ -19,12 +19,13 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from mmed_rag.atomic import atomic_write_text
+from mmed_rag.errors import MMedRAGError
 
 C = TypeVar("C")
 CONFIG_FILE_NAME = "config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(MMedRAGError, ValueError):
     """A config file or override that does not fit its dataclass."""
 
 

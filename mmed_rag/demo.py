@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mmed_rag.atomic import atomic_path, atomic_write_text
 from mmed_rag.config import config_to_dict, save_config
+from mmed_rag.outputs import claim_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,11 @@ def _tiny_models(out: Path, phantom_dir: Path, seed: int) -> dict:
 
 def run_demo(config: DemoConfig) -> int:
     """Run the demo; return a process exit code (non-zero when a step finds a problem)."""
+    with claim_outputs("demo", directories=[config.out]):
+        return _run_demo(config)
+
+
+def _run_demo(config: DemoConfig) -> int:
     from mmed_rag.data.images import noised_image, resolve_image_path
     from mmed_rag.data.phantom_probe import probe_phantoms
     from mmed_rag.data.phantoms import PhantomConfig, make_phantoms, write_grid

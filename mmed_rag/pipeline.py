@@ -23,15 +23,17 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from mmed_rag.config import ConfigError, load_config, save_config
 from mmed_rag.data.images import load_image, noised_image
 from mmed_rag.data.records import ImageReportRecord, VQARecord, read_records
 from mmed_rag.device import resolve_device
+from mmed_rag.errors import MMedRAGError
 from mmed_rag.generation.generator import Generator, GeneratorConfig
 from mmed_rag.generation.prompts import build_prompt, clean_question
-from mmed_rag.resumable import append_lines, completed_keys, finish, open_partial
+from mmed_rag.outputs import claim_outputs
+from mmed_rag.progress import progress_bar
+from mmed_rag.resumable import ResumableOutput
 from mmed_rag.retrieval.encode import embed_pixels
 from mmed_rag.retrieval.router import Router
 from mmed_rag.retrieval.select import RULES, KSelection
@@ -39,7 +41,7 @@ from mmed_rag.retrieval.select import RULES, KSelection
 logger = logging.getLogger(__name__)
 
 
-class PipelineError(RuntimeError):
+class PipelineError(MMedRAGError, RuntimeError):
     """A record the pipeline cannot answer (no modality, bad image), or an unusable output path."""
 
 
@@ -105,6 +107,10 @@ class PipelineConfig:
 
     def selection(self) -> KSelection:
         return KSelection.from_options(self.fixed_k, self.clip_threshold, self.select_rule, self.select_threshold)
+
+    def read_paths(self) -> list[str | None]:
+        """Every file or directory a run reads: no output may be one of them."""
+        return [self.input, self.model, self.adapter, self.registry, self.domain_classifier]
 
     def generator_config(self) -> GeneratorConfig:
         return GeneratorConfig(
@@ -236,17 +242,17 @@ class MMedRAG:
     def run_file(self, input_path: str | os.PathLike, output_path: str | os.PathLike) -> RunSummary:
         """Answer every record of a VQA or report test file; resumable; the output appears when complete."""
         output = Path(output_path)
-        try:
-            partial = open_partial(output)
-        except OSError as error:
-            raise PipelineError(f"cannot write the output {output}: {error.strerror or error}") from None
+        with claim_outputs("generate", files=[output], inputs=[input_path, *self.config.read_paths()]):
+            return self._run_file(input_path, output)
+
+    def _run_file(self, input_path, output: Path) -> RunSummary:
         records = read_records(input_path, on_error=self.config.on_error).records
-        done = completed_keys(partial)
-        todo = [record for record in records if record.key not in done]
         skipped: list[str] = []
         batch_size = self.generator.config.batch_size
-        with open(partial, "a", encoding="utf-8") as sink:
-            for start in tqdm(range(0, len(todo), batch_size), desc="generating", unit="batch"):
+        with ResumableOutput(output) as sink:
+            done = sink.done
+            todo = [record for record in records if record.key not in done]
+            for start in progress_bar(range(0, len(todo), batch_size), desc="generating", unit="batch"):
                 prepared = []
                 for record in todo[start : start + batch_size]:
                     try:
@@ -286,8 +292,8 @@ class MMedRAG:
                     if self.config.yes_no_scores and index in scores:
                         line["yes_probability"] = scores[index]
                     outputs.append(line)
-                append_lines(sink, outputs)
-        written = finish(output)
+                sink.append(outputs)
+            written = sink.finish()
         logger.info("Wrote %d prediction(s) to %s (%d skipped)", written, output, len(skipped))
         return RunSummary(output, written, len(done), skipped)
 
@@ -308,7 +314,9 @@ def generate(config: PipelineConfig) -> RunSummary:
     """``mmed-rag generate``: answer ``config.input`` into ``config.output``, saving the config beside it."""
     if config.input is None or config.output is None:
         raise ConfigError("give --input (a VQA JSONL or report JSON) and --output")
-    pipeline = MMedRAG.from_config(config)
-    summary = pipeline.run_file(config.input, config.output)
-    save_config(config, Path(config.output).parent, name=f"{Path(config.output).stem}.config.yaml")
+    output = Path(config.output)
+    with claim_outputs("generate", files=[output], inputs=config.read_paths()):
+        pipeline = MMedRAG.from_config(config)
+        summary = pipeline.run_file(config.input, output)
+        save_config(config, output.parent, name=f"{output.stem}.config.yaml")
     return summary

@@ -8,6 +8,7 @@ import pytest
 from mmed_rag.config import ConfigError
 from mmed_rag.data.phantoms import PhantomConfig, make_phantoms
 from mmed_rag.data.records import read_retrieval, read_retriever_train, read_vqa
+from mmed_rag.outputs import OutputError
 from mmed_rag.retrieval.batch import RetrievalError, RetrieveConfig, retrieve
 from mmed_rag.retrieval.clip import save_clip
 from mmed_rag.retrieval.encode import encode_images, encode_texts
@@ -133,7 +134,7 @@ def test_missing_image_stops_with_its_id_or_is_skipped(setup, tmp_path):
 def test_unwritable_output_is_refused_before_any_work(setup, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(RetrievalError, match="cannot write the output"):
+    with pytest.raises(OutputError, match="cannot create the folder of the output .*out.jsonl"):
         retrieve(config(setup, blocker / "out.jsonl"))
 
 

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from mmed_rag.data.images import ImagePathError, resolve_image_path
 from mmed_rag.data.records import IMAGE_TOKEN, PreferenceRecord, RecordError, read_preference
+from mmed_rag.errors import MMedRAGError
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ PAIR_COLUMNS = ("rejected_noised", "chosen_noised", "pair_index")
 _RECORD_INDEX = re.compile(r"record (\d+)")
 
 
-class PairSetError(ValueError):
+class PairSetError(MMedRAGError, ValueError):
     """A preference file that gives no pair to train on."""
 
 

@@ -47,6 +47,7 @@ from mmed_rag.alignment.trainer import MMedRAGDPOTrainer
 from mmed_rag.atomic import atomic_path, atomic_write_text, publish_directory
 from mmed_rag.config import ConfigError
 from mmed_rag.fingerprint import file_sha256
+from mmed_rag.outputs import claim_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +335,13 @@ def train_dpo_2stages(config: MMedRAGDPOConfig, callbacks: list | None = None) -
     Returns ``{"stage1": dir, "stage2": dir, "merged": dir, "metrics": {stage: stage.json content}}`` with the
     entries of the stages that exist. ``callbacks`` are passed to every stage's trainer.
     """
+    inputs = [config.model_name_or_path, config.data_path, config.stage2_data_path, config.image_folder]
+    inputs += [config.stage1_adapter, config.lora_checkpoint_path]
+    with claim_outputs("train-dpo", directories=[config.output_dir], inputs=inputs, lock=_is_main_process()):
+        return _train_dpo_2stages(config, callbacks)
+
+
+def _train_dpo_2stages(config: MMedRAGDPOConfig, callbacks: list | None) -> dict[str, Any]:
     plans = plan_stages(config)
     output_dir = Path(config.output_dir)
     if "wandb" in config.report_to:  # transformers' WandbCallback reads these; keep runs beside the outputs
@@ -471,20 +479,17 @@ def parse_dpo_args(argv: list[str] | None = None) -> MMedRAGDPOConfig:
     return config
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``train/dpo/train_dpo_2stages.py``: parse, train, report; errors in the input end with exit status 2."""
-    from mmed_rag.alignment.dataset import PairSetError
-    from mmed_rag.data.images import ImageLoadError
-    from mmed_rag.data.records import RecordError
+def main(argv: list[str] | None = None, verbose: bool = False) -> int:
+    """``train/dpo/train_dpo_2stages.py``: parse, train, report; bad input ends with one line and exit status 2."""
+    from mmed_rag.cli import run_reporting_errors
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mmed_rag").setLevel(logging.INFO)
-    try:
-        config = parse_dpo_args(argv)
-        result = train_dpo_2stages(config)
-    except (ConfigError, DPOError, RecordError, PairSetError, ImageLoadError) as error:
-        logger.error("%s", error)
-        return 2
+    return run_reporting_errors("train-dpo", lambda: _train(argv), verbose)
+
+
+def _train(argv: list[str] | None) -> int:
+    result = train_dpo_2stages(parse_dpo_args(argv))
     for name in ("stage1", "stage2", "merged"):
         if name in result:
             logger.info("%s: %s", name, result[name])

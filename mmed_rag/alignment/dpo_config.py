@@ -8,6 +8,7 @@ command line override it through :func:`mmed_rag.alignment.dpo.parse_dpo_args`.
 from __future__ import annotations
 
 import logging
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from trl import DPOConfig
 
 from mmed_rag.config import ConfigError
+from mmed_rag.errors import MMedRAGError
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ LM_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj
 PROJECTOR = "multi_modal_projector"
 
 
-class DPOError(ValueError):
+class DPOError(MMedRAGError, ValueError):
     """A DPO run that cannot start or continue; the message says what to change."""
 
 
@@ -140,6 +142,8 @@ class MMedRAGDPOConfig(DPOConfig):
                 raise ConfigError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
         self._map_original_flags()
         self._refuse_unsupported()
+        if self.disable_tqdm is None:  # in a log file, the Trainer's log lines instead of a carriage-return bar
+            self.disable_tqdm = not sys.stderr.isatty()
         super().__post_init__()
 
     def _map_original_flags(self) -> None:

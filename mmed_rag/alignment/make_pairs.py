@@ -20,6 +20,7 @@ from mmed_rag.atomic import atomic_write_text
 from mmed_rag.config import ConfigError, save_config
 from mmed_rag.data.records import write_records
 from mmed_rag.eval.examples import EvalInputError, read_examples
+from mmed_rag.outputs import claim_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,12 @@ def _verdicts(config: MakePairsConfig, items: list[AnsweredItem]) -> list[Verdic
 
 def make_pairs(config: MakePairsConfig) -> PairsResult:
     """Judge the three runs, build the pairs, and write one preference file per stage plus the summary."""
+    inputs = [config.with_retrieval, config.without_retrieval, config.noised, config.gold]
+    with claim_outputs("make-pairs", directories=[config.out], inputs=inputs):
+        return _make_pairs(config)
+
+
+def _make_pairs(config: MakePairsConfig) -> PairsResult:
     items, problems = _answered_items(config)
     if not items:
         raise EvalInputError("no item is answered in all three runs: nothing to build pairs from")

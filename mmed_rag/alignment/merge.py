@@ -20,14 +20,16 @@ import torch
 
 from mmed_rag.atomic import atomic_write_text, publish_directory
 from mmed_rag.config import ConfigError
+from mmed_rag.errors import MMedRAGError
 from mmed_rag.fingerprint import file_sha256
+from mmed_rag.outputs import claim_outputs
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "merge.json"
 
 
-class MergeError(ValueError):
+class MergeError(MMedRAGError, ValueError):
     """A base model or adapter directory that cannot be merged."""
 
 
@@ -97,5 +99,10 @@ class MergeLoraConfig:
 
 def run_merge_lora(config: MergeLoraConfig) -> Path:
     """The stage function behind ``mmed-rag merge-lora``."""
+    with claim_outputs("merge-lora", replaced=[config.out], inputs=[config.base, config.adapter]):
+        return _run_merge_lora(config)
+
+
+def _run_merge_lora(config: MergeLoraConfig) -> Path:
     dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
     return merge_lora(config.base, config.adapter, config.out, dtype=dtype, trust_remote_code=config.trust_remote_code)

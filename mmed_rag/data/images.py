@@ -14,16 +14,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mmed_rag.errors import MMedRAGError
+
 # Far above any radiograph or fundus photograph (a 9,000 x 9,000 scan is 81 M pixels); whole-slide pathology
 # images are read tile by tile by other tools, not through here.
 DEFAULT_MAX_PIXELS = 100_000_000
 
 
-class ImagePathError(ValueError):
+class ImagePathError(MMedRAGError, ValueError):
     """An image path from a data file that is unsafe (absolute, escaping the root) or malformed."""
 
 
-class ImageLoadError(OSError):
+class ImageLoadError(MMedRAGError, OSError):
     """An image that is missing, unreadable, truncated, not an image, or too large."""
 
 

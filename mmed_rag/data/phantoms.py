@@ -31,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from mmed_rag.atomic import atomic_path, atomic_write_text
 from mmed_rag.config import ConfigError
 from mmed_rag.data.images import load_image
+from mmed_rag.outputs import claim_outputs
+from mmed_rag.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -906,11 +907,16 @@ def make_phantoms(config: PhantomConfig) -> dict:
         test/vqa/<modality>_test.jsonl
         manifest.json
     """
+    with claim_outputs("make-phantoms", directories=[config.out]):
+        return _make_phantoms(config)
+
+
+def _make_phantoms(config: PhantomConfig) -> dict:
     out = Path(config.out)
     counts = config.split_counts()
     width = max(5, len(str(config.n)))
     started = time.perf_counter()
-    progress = tqdm(total=config.n, desc="phantoms", unit="img")
+    progress = progress_bar(total=config.n, desc="phantoms", unit="img")
     for modality in config.modalities:
         # The modality's place in FINDINGS, not in the config, seeds it: a subset of modalities draws the same images.
         modality_seed = list(FINDINGS).index(modality)

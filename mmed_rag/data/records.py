@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from mmed_rag.atomic import atomic_write_text
+from mmed_rag.errors import MMedRAGError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ _BOM = b"\xef\xbb\xbf"
 _UNDECODABLE_BYTE = re.compile("[\udc80-\udcff]")
 
 
-class RecordError(ValueError):
+class RecordError(MMedRAGError, ValueError):
     """A record (or a whole file) that does not follow its format.
 
     ``position`` is ``"line N"`` for JSON Lines and ``"record I (line N)"`` for JSON lists (0-based index, as

@@ -6,10 +6,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from mmed_rag.config import ConfigError
 from mmed_rag.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, ImagePathError, load_image
 from mmed_rag.data.records import DEFAULT_MAX_RECORD_BYTES, KINDS, ReadResult, RecordError, read_records
+from mmed_rag.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,10 @@ class ValidateConfig:
     kind: str | None = field(default=None, metadata={"help": f"record kind ({', '.join(KINDS)}); detected if unset"})
     max_record_bytes: int = field(default=DEFAULT_MAX_RECORD_BYTES, metadata={"help": "largest record accepted"})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "largest image accepted (pixels)"})
+
+    def __post_init__(self) -> None:
+        if self.kind is not None and self.kind not in KINDS:
+            raise ConfigError(f"kind: expected one of {', '.join(KINDS)}, got {self.kind!r}")
 
 
 @dataclass
@@ -77,7 +81,7 @@ def _check_images(report: FileReport, image_root: str, max_pixels: int) -> None:
         for position, record in zip(report.result.positions, report.result.records, strict=True)
         for image in record.image_paths
     ]
-    for position, image in tqdm(pairs, desc=f"images of {report.path.name}", unit="img", leave=False):
+    for position, image in progress_bar(pairs, desc=f"images of {report.path.name}", unit="img", leave=False):
         if image in checked:
             continue
         checked.add(image)

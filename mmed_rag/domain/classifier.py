@@ -66,7 +66,6 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from mmed_rag.atomic import atomic_path, atomic_write_text, publish_directory
 from mmed_rag.config import ConfigError, config_to_dict, save_config
@@ -74,7 +73,10 @@ from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image, ope
 from mmed_rag.data.records import read_records
 from mmed_rag.device import resolve_device
 from mmed_rag.domain.routing import UNKNOWN, DomainPrediction, decide, is_placed
+from mmed_rag.errors import MMedRAGError
 from mmed_rag.fingerprint import file_sha256
+from mmed_rag.outputs import claim_outputs
+from mmed_rag.progress import progress_bar
 from mmed_rag.retrieval.clip import WEIGHTS_FILE, create_clip, resolve_clip, save_clip
 from mmed_rag.retrieval.encode import embedding_dim, encode_images
 from mmed_rag.retrieval.finetune import epoch_seed, param_groups, split_records
@@ -91,11 +93,11 @@ MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-class DomainError(ValueError):
+class DomainError(MMedRAGError, ValueError):
     """Training data, a config or a classifier directory the domain classifier cannot use; the message says why."""
 
 
-class ClassifierNotFoundError(FileNotFoundError):
+class ClassifierNotFoundError(MMedRAGError, FileNotFoundError):
     """No complete classifier directory at the given path."""
 
 
@@ -229,7 +231,7 @@ class DomainClassifier:
         sources = _image_sources(images, image_root)
         device = self.device
         starts = range(0, len(sources), batch_size)
-        for start in tqdm(starts, desc="domain", unit="batch", disable=len(starts) < 2):
+        for start in progress_bar(starts, desc="domain", unit="batch", disable=len(starts) < 2):
             pixels = torch.stack([self.preprocess(_open(source)) for source in sources[start : start + batch_size]])
             with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
                 features = self.encoder.encode_image(pixels.to(device), normalize=True)
@@ -426,6 +428,8 @@ class LabelledImage:
     path: str
     root: str
     modality: str
+    # Where it was named ("file.json, id 'rad_00001'"), for error messages; not part of the image's identity.
+    source: str = field(default="", compare=False)
 
 
 def parse_assignments(entries: Sequence[str] | Mapping[str, str], name: str) -> dict[str, str]:
@@ -454,7 +458,10 @@ def read_labelled(path: str | os.PathLike, modality: str, root: str) -> tuple[li
     records = read_records(path).records
     if not records:
         raise DomainError(f"{path} ({modality}) holds no records.")
-    labelled = [[LabelledImage(image, root, modality) for image in record.image_paths] for record in records]
+    labelled = [
+        [LabelledImage(image, root, modality, f"{path}, {record.unique_key} {record.key!r}") for image in record.image_paths]
+        for record in records
+    ]
     return labelled, {"path": str(path), "sha256": file_sha256(path), "records": len(records)}
 
 
@@ -470,9 +477,9 @@ def check_labelled(images: Sequence[LabelledImage], split: str) -> None:
         try:
             path = resolve_image_path(image.root, image.path)
         except ImagePathError as error:
-            raise ImagePathError(f"{split} ({image.modality}): {error}") from None
+            raise ImagePathError(f"{split} ({image.modality}): {image.source}: {error}") from None
         if not path.is_file():
-            missing.append(f"{image.modality}: {image.path}")
+            missing.append(f"{image.source}: {image.path}")
         if seen.setdefault(path, image.modality) != image.modality:
             raise DomainError(f"{split}: {path} is labelled both {seen[path]} and {image.modality}.")
     if missing:
@@ -672,6 +679,12 @@ class TrainDomainConfig:
     def root_of(self, modality: str) -> str:
         return self.roots.get(modality, self.img_root)
 
+    def read_paths(self) -> list[str | None]:
+        """Every file or directory training reads: the output may be none of them."""
+        files = [parse_assignments(getattr(self, name), name) for name in ("train_files", "val_files", "test_files")]
+        paths = [path for assigned in files for path in assigned.values()]
+        return [*paths, self.img_root, *self.roots.values(), self.model, self.checkpoint]
+
 
 def load_domain_data(config: TrainDomainConfig) -> tuple[dict[str, list[LabelledImage]], dict]:
     """Train, val and test images (val: val_files, or a seeded hold-out of each modality's training records)."""
@@ -720,6 +733,11 @@ def train_domain(config: TrainDomainConfig) -> Path:
     The directory is written aside (``<out>.partial``) and swapped in complete, so a killed run leaves the
     previous classifier, or none, never a mixture. Reseeds torch's global RNG with ``seed``.
     """
+    with claim_outputs("train-domain", replaced=[config.out], inputs=config.read_paths()):
+        return _train_domain(config)
+
+
+def _train_domain(config: TrainDomainConfig) -> Path:
     device = resolve_device(config.device)
     modalities = list(config.train_paths)
     splits, data = load_domain_data(config)
@@ -748,7 +766,7 @@ def train_domain(config: TrainDomainConfig) -> Path:
     optimizer = torch.optim.AdamW(parameters)
 
     metrics: list[dict] = []
-    for epoch in (progress := tqdm(range(config.epochs), desc="train-domain", unit="epoch")):
+    for epoch in (progress := progress_bar(range(config.epochs), desc="train-domain", unit="epoch")):
         shuffle = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
         order = torch.randperm(len(train_labels), generator=shuffle)
         if config.finetune_tower:
@@ -864,6 +882,12 @@ class PredictDomainConfig:
 
 def predict_domain(config: PredictDomainConfig) -> list[DomainPrediction]:
     """Predict the modality of every image of ``config``; write them to ``config.output`` (JSONL) if given."""
+    inputs = [config.classifier, config.data, *(Path(config.img_root) / image for image in config.images)]
+    with claim_outputs("predict-domain", files=[config.output], inputs=inputs):
+        return _predict_domain(config)
+
+
+def _predict_domain(config: PredictDomainConfig) -> list[DomainPrediction]:
     classifier = DomainClassifier.load(config.classifier, config.device)
     if config.data:
         images = list(dict.fromkeys(path for record in read_records(config.data) for path in record.image_paths))

@@ -60,6 +60,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmed_rag.errors import MMedRAGError
+
 OBSERVATIONS: tuple[str, ...] = (
     "No Finding",
     "Enlarged Cardiomediastinum",
@@ -191,7 +193,7 @@ _NORMAL_ONLY = _compile(_NORMAL_ONLY_ANATOMY)
 _OTHER_FINDING = re.compile(rf"\b(?:{OTHER_FINDING_PATTERN})\b")
 
 
-class LabelInputError(ValueError):
+class LabelInputError(MMedRAGError, ValueError):
     """Reports or labels that cannot be labelled or scored."""
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from mmed_rag.data.records import RecordError, read_records
+from mmed_rag.errors import MMedRAGError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ Task = Literal["vqa", "report"]
 GOLD_FIELD: dict[str, str] = {"vqa": "answer", "report": "report"}
 
 
-class EvalInputError(ValueError):
+class EvalInputError(MMedRAGError, ValueError):
     """Prediction or gold files that cannot be scored as they are."""
 
 

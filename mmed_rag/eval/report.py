@@ -64,6 +64,8 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
+from mmed_rag.errors import MMedRAGError
+
 logger = logging.getLogger(__name__)
 
 BLEU_METRICS: tuple[str, ...] = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")
@@ -72,11 +74,11 @@ JAVA_INSTALL_HINT = "install a Java runtime: sudo apt-get install default-jre-he
 _PTB_CLASS = "edu.stanford.nlp.process.PTBTokenizer"
 
 
-class MetricUnavailableError(RuntimeError):
+class MetricUnavailableError(MMedRAGError, RuntimeError):
     """A metric could not be computed (Java missing or a Java process failed); raised instead of a 0."""
 
 
-class ReportInputError(ValueError):
+class ReportInputError(MMedRAGError, ValueError):
     """Predictions, references, ids or metric names that cannot be scored."""
 
 

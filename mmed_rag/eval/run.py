@@ -23,6 +23,7 @@ from mmed_rag.atomic import atomic_write_text
 from mmed_rag.config import ConfigError, save_config
 from mmed_rag.eval import plots
 from mmed_rag.eval.examples import EvalInputError, Example, ExampleSet, read_examples
+from mmed_rag.outputs import claim_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -342,10 +343,15 @@ def _copying_table(metrics: dict) -> str:
 
 def evaluate(config: EvalConfig) -> EvalResult:
     """Score ``config.pred`` and write the results into ``config.out`` (atomically, file by file)."""
+    inputs = [*config.pred, *config.gold, config.pred_no_retrieval, config.pred_noised, config.pred_no_retrieval_noised]
+    with claim_outputs("eval", directories=[config.out], inputs=inputs):
+        return _evaluate(config)
+
+
+def _evaluate(config: EvalConfig) -> EvalResult:
     if not config.pred:
         raise ConfigError("give --pred (one or more prediction files)")
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(config.out)  # created by its first file (atomic writes make their folder), not before the input is read
     problems: list[str] = []
     empty: list[str] = []
     if config.task == "copying":

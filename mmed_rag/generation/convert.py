@@ -77,6 +77,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from mmed_rag.atomic import atomic_write_text
 from mmed_rag.chat_templates import LLAVA_MED_MISTRAL, load_chat_template
 from mmed_rag.config import ConfigError, config_to_dict
+from mmed_rag.errors import MMedRAGError
+from mmed_rag.outputs import claim_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +149,7 @@ IMAGE_PROCESSOR_KEYS = (
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-class ConversionError(ValueError):
+class ConversionError(MMedRAGError, ValueError):
     """The source cannot be converted as asked: a file, a weight or a setting is missing or unsupported."""
 
 
@@ -396,6 +398,11 @@ def build_processor(
 
 def convert_llava_med(config: ConvertConfig) -> Path:
     """Convert ``config.src`` into a transformers LLaVA directory at ``config.dst``; return ``config.dst``."""
+    with claim_outputs("convert-llava-med", replaced=[config.dst], inputs=[config.src, config.vision_tower]):
+        return _convert_llava_med(config)
+
+
+def _convert_llava_med(config: ConvertConfig) -> Path:
     src, dst = Path(config.src), Path(config.dst)
     vision_dir = Path(config.vision_tower) if config.vision_tower else None
     _check_paths(src, dst, vision_dir, config.overwrite)

@@ -24,11 +24,12 @@ from PIL import Image
 from mmed_rag.config import ConfigError
 from mmed_rag.data.records import IMAGE_TOKEN
 from mmed_rag.device import resolve_device
+from mmed_rag.errors import MMedRAGError
 
 logger = logging.getLogger(__name__)
 
 
-class GeneratorError(ValueError):
+class GeneratorError(MMedRAGError, ValueError):
     """A model directory, adapter or prompt that cannot be used for generation."""
 
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from mmed_rag.data.records import IMAGE_TOKEN
+from mmed_rag.errors import MMedRAGError
 
 Task = Literal["vqa", "report"]
 TASKS: tuple[str, ...] = ("vqa", "report")
@@ -80,11 +81,11 @@ VQA_WITHOUT_REPORTS = "{question} Please " + YES_NO
 NUMBERINGS: dict[str, str] = {"1.": "{i}. ", "No.1:": "No.{i}: "}
 
 
-class UnknownModalityError(ValueError):
+class UnknownModalityError(MMedRAGError, ValueError):
     """A modality name with no registered wording."""
 
 
-class PromptParseError(ValueError):
+class PromptParseError(MMedRAGError, ValueError):
     """A human turn that none of MMed-RAG's prompt forms (with the registered modalities) produces."""
 
 

@@ -22,14 +22,16 @@ from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from mmed_rag.config import ConfigError
 from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image
 from mmed_rag.data.records import RetrievalRecord, read_records
 from mmed_rag.device import resolve_device
+from mmed_rag.errors import MMedRAGError
 from mmed_rag.fingerprint import file_sha256
-from mmed_rag.resumable import append_lines, completed_keys, finish, open_partial
+from mmed_rag.outputs import claim_outputs
+from mmed_rag.progress import progress_bar
+from mmed_rag.resumable import ResumableOutput
 from mmed_rag.retrieval.clip import create_clip, resolve_clip
 from mmed_rag.retrieval.encode import embed_pixels
 from mmed_rag.retrieval.index import IndexMissingError, ReportIndex, Retriever, RetrieverIdentity
@@ -40,7 +42,7 @@ logger = logging.getLogger(__name__)
 INDEX_CACHE_DIR = ".mmed-rag-index"
 
 
-class RetrievalError(RuntimeError):
+class RetrievalError(MMedRAGError, RuntimeError):
     """A record that cannot be retrieved for (its image is missing or unreadable), or an unusable output path."""
 
 
@@ -153,13 +155,14 @@ def _collate(items):
 
 def retrieve(config: RetrieveConfig) -> RetrievalSummary:
     """Retrieve reports for every record of ``config.eval_json`` and write the original output format."""
-    device = resolve_device(config.device)
     output = Path(config.output_path)
-    try:
-        partial = open_partial(output)
-    except OSError as error:
-        raise RetrievalError(f"cannot write the output {output}: {error.strerror or error}") from None
+    inputs = [config.eval_json, config.train_json, config.index, config.checkpoint_path, config.model_name_or_path]
+    with claim_outputs("retrieve", files=[output], inputs=inputs):
+        return _retrieve(config, output)
 
+
+def _retrieve(config: RetrieveConfig, output: Path) -> RetrievalSummary:
+    device = resolve_device(config.device)
     retriever = load_retriever(config.model_name_or_path, config.checkpoint_path, device)
     if config.index is not None:
         corpus = config.train_json
@@ -171,20 +174,20 @@ def retrieve(config: RetrieveConfig) -> RetrievalSummary:
         index, index_dir = cached_index(retriever, Path(config.train_json), output.parent / INDEX_CACHE_DIR)
 
     records = read_records(config.eval_json, on_error=config.on_error).records
-    done = completed_keys(partial)
-    todo = [record for record in records if record.key not in done]
-    if done:
-        logger.info("Resuming %s: %d record(s) done, %d to go", output, len(done), len(todo))
     selection = config.selection()
     skipped: list[str] = []
-    loader = DataLoader(
-        _QueryImages(todo, config.img_root, retriever.preprocess),
-        batch_size=config.batch_size,
-        num_workers=config.workers,
-        collate_fn=_collate,
-    )
-    with open(partial, "a", encoding="utf-8") as sink, torch.no_grad():
-        for batch in tqdm(loader, desc="retrieving", unit="batch"):
+    with ResumableOutput(output) as sink, torch.no_grad():
+        done = sink.done
+        todo = [record for record in records if record.key not in done]
+        if done:
+            logger.info("Resuming %s: %d record(s) done, %d to go", output, len(done), len(todo))
+        loader = DataLoader(
+            _QueryImages(todo, config.img_root, retriever.preprocess),
+            batch_size=config.batch_size,
+            num_workers=config.workers,
+            collate_fn=_collate,
+        )
+        for batch in progress_bar(loader, desc="retrieving", unit="batch"):
             good = []
             for position, pixels, problem in batch:
                 record = todo[position]
@@ -200,15 +203,12 @@ def retrieve(config: RetrieveConfig) -> RetrievalSummary:
                 continue
             queries = embed_pixels(retriever.model, torch.stack([p for _, p in good]))
             scores, rows = index.search(queries, selection.k)
-            append_lines(
-                sink,
-                (
-                    RetrievalRecord(record, [entry.report for entry in entries[:kept]], kept).to_dict()
-                    for (record, _), kept, entries in zip(
-                        good, (selection(row) for row in scores), index.lookup(rows), strict=True
-                    )
-                ),
+            sink.append(
+                RetrievalRecord(record, [entry.report for entry in entries[:kept]], kept).to_dict()
+                for (record, _), kept, entries in zip(
+                    good, (selection(row) for row in scores), index.lookup(rows), strict=True
+                )
             )
-    written = finish(output)
+        written = sink.finish()
     logger.info("Wrote %d record(s) to %s (%d skipped)", written, output, len(skipped))
     return RetrievalSummary(output, written, len(done), skipped, index_dir)

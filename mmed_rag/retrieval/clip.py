@@ -32,6 +32,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from safetensors.torch import load_file, save_file
 
 from mmed_rag.atomic import atomic_path, atomic_write_text
+from mmed_rag.errors import MMedRAGError
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +52,11 @@ _WEIGHT_FILES = (
 _MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 
 
-class ClipNotFoundError(FileNotFoundError):
+class ClipNotFoundError(MMedRAGError, FileNotFoundError):
     """The model, its local copy, or its weights are not on this machine."""
 
 
-class ClipCheckpointError(ValueError):
+class ClipCheckpointError(MMedRAGError, ValueError):
     """A weights file cannot be read safely, or does not fit the model's architecture."""
 
 

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from mmed_rag.data.images import load_image
+from mmed_rag.progress import progress_bar
 
 
 def embedding_dim(model: torch.nn.Module) -> int:
@@ -52,7 +52,7 @@ def encode_texts(
     chunks = []
     with ThreadPoolExecutor(max_workers=1) as tokenizing:
         upcoming = tokenizing.submit(tokenizer, batches[0]) if batches else None
-        for index in tqdm(
+        for index in progress_bar(
             range(len(batches)), desc="encoding reports", unit="batch", disable=not progress or len(batches) < 2
         ):
             tokens = upcoming.result().to(device)
@@ -106,6 +106,6 @@ def encode_images(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
-    batches = tqdm(loader, desc="encoding images", unit="batch", disable=not progress or len(loader) < 2)
+    batches = progress_bar(loader, desc="encoding images", unit="batch", disable=not progress or len(loader) < 2)
     chunks = [embed_pixels(model, pixels) for pixels in batches]
     return np.concatenate(chunks) if chunks else np.zeros((0, embedding_dim(model)), dtype=np.float32)

@@ -21,6 +21,7 @@ from mmed_rag.config import ConfigError, save_config
 from mmed_rag.data.records import read_records
 from mmed_rag.device import resolve_device
 from mmed_rag.fingerprint import file_sha256
+from mmed_rag.outputs import claim_outputs
 from mmed_rag.retrieval.batch import INDEX_CACHE_DIR, cached_index, load_retriever
 from mmed_rag.retrieval.encode import encode_images
 from mmed_rag.retrieval.index import ReportIndex
@@ -104,6 +105,12 @@ def _plot(scores: RetrievalScores, out_png: Path) -> None:
 
 def eval_retrieval(config: EvalRetrievalConfig) -> RetrievalScores:
     """Score the retriever on ``config.eval_json``; write ``metrics.json``, ``similarity.png`` and the config."""
+    inputs = [config.eval_json, config.index, config.train_json, config.model_name_or_path, config.checkpoint_path]
+    with claim_outputs("eval-retrieval", directories=[config.out], inputs=[*inputs, config.img_root]):
+        return _eval_retrieval(config)
+
+
+def _eval_retrieval(config: EvalRetrievalConfig) -> RetrievalScores:
     out = Path(config.out)
     device = resolve_device(config.device)
     retriever = load_retriever(config.model_name_or_path, config.checkpoint_path, device)

@@ -45,14 +45,16 @@ from matplotlib.figure import Figure
 from open_clip.loss import ClipLoss
 from open_clip_train.scheduler import cosine_lr
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from mmed_rag.atomic import atomic_path, atomic_write_text, publish_directory
 from mmed_rag.config import ConfigError, config_to_dict, save_config
 from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image, resolve_image_path
 from mmed_rag.data.records import ImageReportRecord, read_retriever_train
 from mmed_rag.device import resolve_device
+from mmed_rag.errors import MMedRAGError
 from mmed_rag.fingerprint import file_sha256
+from mmed_rag.outputs import claim_outputs
+from mmed_rag.progress import progress_bar
 from mmed_rag.retrieval.clip import WEIGHTS_FILE, create_clip, load_clip_weights, save_clip
 from mmed_rag.retrieval.encode import encode_images, encode_texts
 
@@ -92,7 +94,7 @@ RESUME_MUST_MATCH = (
 LOGIT_SCALE_MAX = math.log(100)  # open_clip's clamp, as in the CLIP paper
 
 
-class FinetuneError(ValueError):
+class FinetuneError(MMedRAGError, ValueError):
     """Training data or a run directory that fine-tuning cannot use; the message says which and why."""
 
 
@@ -586,6 +588,12 @@ def finetune_clip(config: FinetuneConfig) -> Path:
     complete returns at once. The returned directory loads with :func:`~mmed_rag.retrieval.clip.load_clip`.
     Training reseeds torch's global RNG (``seed``, then ``(seed, epoch)`` every epoch).
     """
+    inputs = [config.train_data, config.val_data, config.img_root, config.model, config.checkpoint]
+    with claim_outputs("finetune-clip", directories=[config.run_dir], inputs=inputs):
+        return _finetune_clip(config)
+
+
+def _finetune_clip(config: FinetuneConfig) -> Path:
     for name in ("train_data", "img_root", "dataset_type"):
         if not getattr(config, name):
             raise FinetuneError(f"{name} is required (see `mmed-rag finetune-clip --help`).")
@@ -631,7 +639,9 @@ def finetune_clip(config: FinetuneConfig) -> Path:
             loader = epoch_loader(train_set, batch_size, config, epoch, pin_memory=device.type == "cuda")
             model.train()
             started, losses = time.perf_counter(), []
-            for pixels, tokens in (progress := tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)):
+            for pixels, tokens in (
+                progress := progress_bar(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+            ):
                 step = epoch * steps_per_epoch + len(losses)
                 lr = schedule(step)
                 with _autocast(device, precision):

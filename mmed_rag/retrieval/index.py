@@ -44,7 +44,9 @@ from mmed_rag.atomic import atomic_path, atomic_write_text
 from mmed_rag.config import ConfigError, save_config
 from mmed_rag.data.records import ImageReportRecord, read_retriever_train
 from mmed_rag.device import resolve_device
+from mmed_rag.errors import MMedRAGError
 from mmed_rag.fingerprint import file_sha256
+from mmed_rag.outputs import claim_outputs
 from mmed_rag.retrieval.clip import LOCAL_DIR_PREFIX, MANIFEST_FILE, create_clip, resolve_clip
 from mmed_rag.retrieval.encode import embedding_dim, encode_texts
 
@@ -62,19 +64,19 @@ MIN_POINTS_PER_CENTROID = 39
 GPU_MAX_K = 2048
 
 
-class IndexBuildError(ValueError):
+class IndexBuildError(MMedRAGError, ValueError):
     """An index cannot be built as asked: empty corpus, too few reports for IVF, unknown kind."""
 
 
-class IndexMissingError(FileNotFoundError):
+class IndexMissingError(MMedRAGError, FileNotFoundError):
     """The index directory, or one of its files, is not there."""
 
 
-class IndexCorruptError(ValueError):
+class IndexCorruptError(MMedRAGError, ValueError):
     """The index directory contradicts itself: files changed after the manifest, row counts or widths differ."""
 
 
-class IndexMismatchError(ValueError):
+class IndexMismatchError(MMedRAGError, ValueError):
     """The index was built from another retriever, another corpus (or another version of it), another modality."""
 
 
@@ -238,8 +240,8 @@ class ReportIndex:
         if not isinstance(retriever, Retriever):
             retriever = Retriever.load(retriever, device=device)
         corpus = Path(corpus)
+        records = read_retriever_train(corpus).records  # first: a missing or bad file is named as such
         corpus_sha256 = file_sha256(corpus)
-        records = read_retriever_train(corpus).records
         entries = unique_reports(records)
         if not entries:
             raise IndexBuildError(f"{corpus} holds no records: there is nothing to index for {modality}.")
@@ -601,6 +603,11 @@ class BuildIndexConfig:
 
 def build_index(config: BuildIndexConfig) -> ReportIndex:
     """Build the report index of ``config.modality`` and write it, with ``config.yaml``, to ``config.out``."""
+    with claim_outputs("build-index", directories=[config.out], inputs=[config.retriever, config.corpus]):
+        return _build_index(config)
+
+
+def _build_index(config: BuildIndexConfig) -> ReportIndex:
     device = resolve_device(config.device)
     index = ReportIndex.build(
         config.retriever,

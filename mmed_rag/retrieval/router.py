@@ -22,16 +22,17 @@ from pathlib import Path
 import torch
 import yaml
 
+from mmed_rag.errors import MMedRAGError
 from mmed_rag.retrieval.index import ReportIndex, Retriever, RetrieverIdentity
 
 logger = logging.getLogger(__name__)
 
 
-class RegistryError(ValueError):
+class RegistryError(MMedRAGError, ValueError):
     """A registry file that cannot be read, or an entry that does not fit its index."""
 
 
-class UnknownModalityError(KeyError):
+class UnknownModalityError(MMedRAGError, KeyError):
     """A modality with no registered retriever and index."""
 
     def __str__(self) -> str:
