@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -368,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("mmed_rag").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not sys.stderr.isatty():  # Hugging Face's own bars (loading weights, shards) in a log file: off
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if split is not None:
         return args.passthrough(split[1], verbose=args.verbose)
     stage: Stage = args.stage_spec

@@ -19,79 +19,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
 from mmed_rag.cli import main
-from mmed_rag.data.phantoms import PhantomConfig, make_phantoms
-from mmed_rag.domain.classifier import TrainDomainConfig, train_domain
-from mmed_rag.retrieval.clip import save_clip
-from mmed_rag.retrieval.index import ReportIndex
-from mmed_rag.testing import save_tiny_llava, tiny_clip
-
-MODALITIES = ("radiology", "pathology")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> SimpleNamespace:
-    """Phantoms, a tiny LLaVA, a retriever with its index and registry, a domain classifier, pairs, predictions."""
-    root = tmp_path_factory.mktemp("world")
-    make_phantoms(PhantomConfig(out=str(root / "data"), n=24, size=32, modalities=MODALITIES))
-    data = root / "data"
-    save_clip(tiny_clip(0)[0], root / "clip", "tiny-clip")
-    corpus = data / "training/retriever/radiology/radiology_train.json"
-    ReportIndex.build(root / "clip", corpus, "radiology", progress=False).save(root / "index")
-    (root / "registry.yaml").write_text(
-        yaml.safe_dump({"modalities": {"radiology": {"retriever": "clip", "index": "index"}}})
-    )
-    save_tiny_llava(root / "llava")
-    train_domain(
-        TrainDomainConfig(
-            train_files=tuple(f"{m}={data}/training/retriever/{m}/{m}_train.json" for m in MODALITIES),
-            img_root=str(data / "images"),
-            model="tiny-clip",
-            epochs=2,
-            out=str(root / "domain"),
-            device="cpu",
-        )
-    )
-    vqa = data / "test/vqa/radiology_test.jsonl"
-    predictions = [
-        {**json.loads(line), "prediction": "Yes." if index % 2 else "No."}
-        for index, line in enumerate(vqa.read_text().splitlines())
-    ]
-    (root / "pred.jsonl").write_text("".join(json.dumps(line) + "\n" for line in predictions))
-    first_image = json.loads(vqa.read_text().splitlines()[0])["image"]
-    pair = {
-        "id": "pair-0",
-        "image": first_image,
-        "conversations": [
-            {"from": "human", "value": "<image>\nIs there an effusion?"},
-            {"from": "gpt", "value": "No."},
-        ],
-        "rejected_conversations": [
-            {"from": "human", "value": "<image>\nIs there an effusion?"},
-            {"from": "gpt", "value": "Yes."},
-        ],
-        "rejected_noised": 1,
-    }
-    (root / "pairs.json").write_text(json.dumps([pair, {**pair, "id": "pair-1"}], indent=2))
-    return SimpleNamespace(
-        root=root,
-        data=data,
-        images=data / "images",
-        vqa=vqa,
-        report=data / "test/report/radiology_test.json",
-        corpus=corpus,
-        clip=root / "clip",
-        index=root / "index",
-        registry=root / "registry.yaml",
-        llava=root / "llava",
-        domain=root / "domain",
-        pred=root / "pred.jsonl",
-        pairs=root / "pairs.json",
-        first_image=first_image,
-    )
-
 
 # -- bad inputs -------------------------------------------------------------------------------------------------
 
@@ -805,8 +734,8 @@ def test_two_generate_runs_on_one_output_cannot_corrupt_it(world, tmp_path):
     source = write_jsonl(tmp_path / "questions.jsonl", rows)
     argv = [sys.executable, "-m", "mmed_rag.cli", *gen_io(world, tmp_path, source, "--batch-size", "1")]
     runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(run.pid, run.returncode, *run.communicate(timeout=300)) for run in runs]
-    results = [(pid, run.returncode, out, err) for (pid, _, out, err), run in zip(results, runs, strict=True)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    results = [(run.pid, run.returncode, out, err) for run, (out, err) in zip(runs, outputs, strict=True)]
     codes = sorted(code for _, code, _, _ in results)
     assert codes == [0, 2], results
     (winner, *_), (_, _, _, refused) = sorted(results, key=lambda result: result[1])

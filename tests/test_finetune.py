@@ -13,7 +13,7 @@ from mmed_rag.data.phantoms import PhantomConfig, make_phantoms
 from mmed_rag.data.records import ImageReportRecord, read_retriever_train
 from mmed_rag.retrieval import finetune
 from mmed_rag.retrieval.clip import load_clip
-from mmed_rag.retrieval.encode import embedding_dim
+from mmed_rag.retrieval.encode import embedding_dim, encode_images
 from mmed_rag.retrieval.finetune import (
     FinetuneConfig,
     ResumeMismatchError,
@@ -139,6 +139,15 @@ def test_training_lowers_the_loss_and_retrieves_well_above_chance(trained):
     assert val["reports"] == 60
     # Chance is 5 / 60 = 0.083; seeds 0-3 on two phantom sets gave 0.25-0.42 here.
     assert best["recall"]["image_to_report_R@5"] > 2 * val["chance_image_to_report_R@5"]
+    # A collapsed model would tie everywhere: chance under the tie rule, never 1.0 at every k.
+    assert min(best["recall"][f"image_to_report_R@{k}"] for k in (1, 5, 10)) < 1.0
+    # Nor are the embeddings collapsed: distinct val images are far from one point (measured: 0.75).
+    model, _, preprocess, _ = load_clip(best_dir)
+    images = [pair.image for pair in image_report_pairs(read_retriever_train(config.val_data).records)]
+    features = encode_images(model, preprocess, config.img_root, images, batch_size=32, progress=False)
+    cosine = features @ features.T
+    spread = 1 - (cosine.sum() - np.trace(cosine)) / (len(images) * (len(images) - 1))
+    assert spread > 0.05
     assert epochs_logged(config.run_dir, "val") == [2, 4, 6, 8, 10, 12, 14, 16]
     assert (config.run_dir / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert (config.run_dir / "config.yaml").is_file()

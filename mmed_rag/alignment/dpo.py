@@ -46,6 +46,7 @@ from mmed_rag.alignment.original_flags import architecture_warnings
 from mmed_rag.alignment.trainer import MMedRAGDPOTrainer
 from mmed_rag.atomic import atomic_path, atomic_write_text, publish_directory
 from mmed_rag.config import ConfigError
+from mmed_rag.divergence import StopOnDivergence
 from mmed_rag.fingerprint import file_sha256
 from mmed_rag.outputs import claim_outputs
 
@@ -275,7 +276,7 @@ def train_stage(config: MMedRAGDPOConfig, plan: StagePlan, processor, callbacks:
         train_dataset=dataset,
         processing_class=processor,
         peft_config=peft_config,
-        callbacks=callbacks,
+        callbacks=[StopOnDivergence(f"train-dpo stage {plan.number}"), *(callbacks or [])],
     )
     _check_trainable(trainer.model)
     plugin = trainer.accelerator.state.deepspeed_plugin

@@ -72,6 +72,7 @@ from mmed_rag.config import ConfigError, config_to_dict, save_config
 from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image, open_image, resolve_image_path, to_rgb
 from mmed_rag.data.records import read_records
 from mmed_rag.device import resolve_device
+from mmed_rag.divergence import check_gradients, check_loss, check_parameters
 from mmed_rag.domain.routing import UNKNOWN, DomainPrediction, decide, is_placed
 from mmed_rag.errors import MMedRAGError
 from mmed_rag.fingerprint import file_sha256
@@ -459,7 +460,10 @@ def read_labelled(path: str | os.PathLike, modality: str, root: str) -> tuple[li
     if not records:
         raise DomainError(f"{path} ({modality}) holds no records.")
     labelled = [
-        [LabelledImage(image, root, modality, f"{path}, {record.unique_key} {record.key!r}") for image in record.image_paths]
+        [
+            LabelledImage(image, root, modality, f"{path}, {record.unique_key} {record.key!r}")
+            for image in record.image_paths
+        ]
         for record in records
     ]
     return labelled, {"path": str(path), "sha256": file_sha256(path), "records": len(records)}
@@ -783,8 +787,11 @@ def _train_domain(config: TrainDomainConfig) -> Path:
             if config.finetune_tower:
                 inputs = encoder.encode_image(inputs.to(device), normalize=True)
             loss = nn.functional.cross_entropy(head(inputs), labels.to(device), weight=weights)
+            where = f"epoch {epoch + 1}, step {len(losses) + 1}"
+            check_loss(loss, "train-domain", where, optimizer.param_groups[0]["lr"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            check_gradients(head, "train-domain", where, optimizer.param_groups[0]["lr"])
             optimizer.step()
             losses.append(loss.item())
         metrics.append({"epoch": epoch + 1, "split": "train", "loss": float(np.mean(losses))})
@@ -799,6 +806,8 @@ def _train_domain(config: TrainDomainConfig) -> Path:
             metrics.append({"epoch": epoch + 1, "split": "val", "loss": val_loss, "accuracy": accuracy})
             progress.set_postfix(loss=f"{metrics[-2]['loss']:.3f}", val_accuracy=f"{accuracy:.3f}")
 
+    for part in (head, encoder) if config.finetune_tower else (head,):
+        check_parameters(part, "train-domain", f"the end of epoch {config.epochs}", optimizer.param_groups[0]["lr"])
     # The training regions are measured on the final embeddings (the tower's own, when it was trained).
     head.fit_regions(embeddings(splits["train"]) if config.finetune_tower else train_features, train_labels)
     classifier = DomainClassifier(

@@ -51,12 +51,14 @@ from mmed_rag.config import ConfigError, config_to_dict, save_config
 from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image, resolve_image_path
 from mmed_rag.data.records import ImageReportRecord, read_retriever_train
 from mmed_rag.device import resolve_device
+from mmed_rag.divergence import DivergedError, check_gradients, check_loss, check_parameters
 from mmed_rag.errors import MMedRAGError
 from mmed_rag.fingerprint import file_sha256
 from mmed_rag.outputs import claim_outputs
 from mmed_rag.progress import progress_bar
 from mmed_rag.retrieval.clip import WEIGHTS_FILE, create_clip, load_clip_weights, save_clip
 from mmed_rag.retrieval.encode import encode_images, encode_texts
+from mmed_rag.retrieval.ranking import NonFiniteScoresError, any_in_top_k, check_finite, recall_at_k
 
 logger = logging.getLogger(__name__)
 
@@ -255,21 +257,29 @@ def retrieval_recall(
     ground truth's, so two views of one study, or two studies with the same wording, share one candidate instead
     of pushing each other out of the top k. Image -> report ranks the distinct reports for each image;
     report -> image ranks the images for each distinct report and hits when any image of that report is in the
-    top k. Features are L2-normalised, so the inner product is the cosine similarity. A rank is the number of
-    candidates scored strictly above the right one (no sort: O(images x reports)); exact ties favour the query.
+    top k. Features are L2-normalised, so the inner product is the cosine similarity. Ties count as broken at
+    random, in expectation (:mod:`mmed_rag.retrieval.ranking`): a collapsed model scores chance, not 1.0; no sort,
+    O(images x reports). Non-finite features raise :class:`~mmed_rag.retrieval.ranking.NonFiniteScoresError`.
     """
+    check_finite(image_features, "validation image embeddings")
+    check_finite(report_features, "validation report embeddings")
     similarity = image_features @ report_features.T  # (images, distinct reports)
     n_images, n_reports = similarity.shape
     right = similarity[np.arange(n_images), image_report]  # each image's score with its own report
-    rank_of_report = (similarity > right[:, None]).sum(axis=1)
+    report_above = (similarity > right[:, None]).sum(axis=1)
+    report_tied = (similarity == right[:, None]).sum(axis=1) - 1
+    own = np.zeros_like(similarity, dtype=bool)
+    own[np.arange(n_images), image_report] = True
     best_own_image = np.full(n_reports, -np.inf)  # each report's score with the closest of its own images
     np.maximum.at(best_own_image, image_report, right)
-    rank_of_image = (similarity > best_own_image[None, :]).sum(axis=0)
+    image_above = (similarity > best_own_image[None, :]).sum(axis=0)  # never one of its own: they are <= best
+    at_best = similarity == best_own_image[None, :]
+    tied_own, tied_other = (at_best & own).sum(axis=0), (at_best & ~own).sum(axis=0)
     metrics = {}
-    for direction, ranks in zip(DIRECTIONS, (rank_of_report, rank_of_image), strict=True):
-        for k in ks:
-            metrics[f"{direction}_R@{k}"] = float(np.mean(ranks < k))
-    return metrics
+    for k in ks:
+        metrics[f"image_to_report_R@{k}"] = float(np.mean(recall_at_k(report_above, report_tied, k)))
+        metrics[f"report_to_image_R@{k}"] = float(np.mean(any_in_top_k(image_above, tied_own, tied_other, k)))
+    return {f"{direction}_R@{k}": metrics[f"{direction}_R@{k}"] for direction in DIRECTIONS for k in ks}
 
 
 def chance_recall(image_report: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
@@ -647,8 +657,12 @@ def _finetune_clip(config: FinetuneConfig) -> Path:
                 with _autocast(device, precision):
                     image_features, text_features, logit_scale = model(pixels.to(device), tokens.to(device))
                     loss = loss_fn(image_features, text_features, logit_scale)
+                where = f"epoch {epoch + 1}, step {step + 1}"
+                check_loss(loss, "finetune-clip", where, lr)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if not scaler.is_enabled():  # AMP's scaler skips steps with inf/NaN gradients itself
+                    check_gradients(model, "finetune-clip", where, lr)
                 scaler.step(optimizer)
                 scaler.update()
                 with torch.no_grad():
@@ -657,6 +671,7 @@ def _finetune_clip(config: FinetuneConfig) -> Path:
                 progress.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}")
                 trackers.log({"train/loss": losses[-1], "train/lr": lr, "train/logit_scale": logit_scale.item()}, step)
             done, step = epoch + 1, (epoch + 1) * steps_per_epoch
+            check_parameters(model, "finetune-clip", f"the end of epoch {done}", lr)
             line = {"epoch": done, "step": step, "split": "train", "loss": float(np.mean(losses)), "lr": lr}
             metrics.append(line | {"seconds": round(time.perf_counter() - started, 3)})
             logger.info("epoch %d/%d: train loss %.4f", done, config.epochs, line["loss"])
@@ -665,9 +680,12 @@ def _finetune_clip(config: FinetuneConfig) -> Path:
             if improved:
                 best = {"epoch": done, "metric": "latest epoch (no validation data)"}
             elif done % config.val_frequency == 0 or done == config.epochs:
-                result = evaluate(
-                    model, preprocess_val, tokenizer, config.img_root, val_pairs, batch_size, config.workers
-                )
+                try:
+                    result = evaluate(
+                        model, preprocess_val, tokenizer, config.img_root, val_pairs, batch_size, config.workers
+                    )
+                except NonFiniteScoresError as error:
+                    raise DivergedError(f"finetune-clip diverged: {error}, at the validation of epoch {done}") from None
                 metrics.append({"epoch": done, "step": step, "split": "val", **result})
                 trackers.log({f"val/{key}": value for key, value in result.items()}, step)
                 logger.info("epoch %d/%d: %s", done, config.epochs, describe(result))
