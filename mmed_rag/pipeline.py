@@ -26,9 +26,10 @@ from PIL import Image
 
 from mmed_rag.config import ConfigError, load_config, save_config
 from mmed_rag.data.images import load_image, noised_image
-from mmed_rag.data.records import ImageReportRecord, VQARecord, read_records
+from mmed_rag.data.records import ImageReportRecord, VQARecord, read_or_skip
 from mmed_rag.device import resolve_device
 from mmed_rag.errors import MMedRAGError
+from mmed_rag.fingerprint import file_sha256, path_fingerprint
 from mmed_rag.generation.generator import Generator, GeneratorConfig
 from mmed_rag.generation.prompts import build_prompt, clean_question
 from mmed_rag.outputs import claim_outputs
@@ -97,6 +98,9 @@ class PipelineConfig:
     on_error: Literal["raise", "skip"] = field(
         default="raise", metadata={"help": "a record that cannot be answered: stop, or report and leave it out"}
     )
+    fresh: bool = field(
+        default=False, metadata={"help": "discard the results of an interrupted earlier run instead of resuming it"}
+    )
 
     def __post_init__(self) -> None:
         if self.unknown_policy == "default" and self.domain_classifier and self.default_modality is None:
@@ -111,6 +115,13 @@ class PipelineConfig:
     def read_paths(self) -> list[str | None]:
         """Every file or directory a run reads: no output may be one of them."""
         return [self.input, self.model, self.adapter, self.registry, self.domain_classifier]
+
+    def result_options(self) -> dict:
+        """The options that change answers (not batch size, device or error handling): a resume must match them."""
+        names = ("no_retrieval", "noised_image", "noise_seed", "modality", "unknown_policy", "default_modality")
+        names += ("task", "fixed_k", "clip_threshold", "select_rule", "select_threshold", "yes_no_scores")
+        names += ("yes_no_answers", "max_new_tokens", "dtype")
+        return {name: getattr(self, name) for name in names} | {"img_root": os.path.abspath(self.img_root)}
 
     def generator_config(self) -> GeneratorConfig:
         return GeneratorConfig(
@@ -246,10 +257,9 @@ class MMedRAG:
             return self._run_file(input_path, output)
 
     def _run_file(self, input_path, output: Path) -> RunSummary:
-        records = read_records(input_path, on_error=self.config.on_error).records
-        skipped: list[str] = []
+        records, skipped = read_or_skip(input_path, self.config.on_error)
         batch_size = self.generator.config.batch_size
-        with ResumableOutput(output) as sink:
+        with ResumableOutput(output, self._identity(input_path), fresh=self.config.fresh) as sink:
             done = sink.done
             todo = [record for record in records if record.key not in done]
             for start in progress_bar(range(0, len(todo), batch_size), desc="generating", unit="batch"):
@@ -296,6 +306,25 @@ class MMedRAG:
             written = sink.finish()
         logger.info("Wrote %d prediction(s) to %s (%d skipped)", written, output, len(skipped))
         return RunSummary(output, written, len(done), skipped)
+
+    def _identity(self, input_path) -> dict:
+        """What decides this run's answers: a resumed run must match it (see :mod:`mmed_rag.resumable`)."""
+        config = self.config
+        sources = {}
+        if self.router is not None:
+            sources = {
+                modality: [path_fingerprint(entry.retriever), path_fingerprint(entry.index)]
+                for modality, entry in self.router.entries.items()
+            }
+        return {
+            "stage": "generate",
+            "input sha256": file_sha256(input_path),
+            "model": path_fingerprint(config.model),
+            "adapter": path_fingerprint(config.adapter),
+            "retrievers and indexes": sources,
+            "domain_classifier": path_fingerprint(config.domain_classifier),
+            **config.result_options(),
+        }
 
     def _yes_no_scores(self, prepared: list[tuple]) -> dict[int, float]:
         """P(yes) of the batch's questions by position, when asked for (report prompts have no yes/no)."""

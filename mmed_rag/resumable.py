@@ -7,6 +7,11 @@ file is renamed to ``OUTPUT``. So ``OUTPUT`` is never half-written, and no recor
 The partial file is created with the first result, so a run that fails before it (a missing model, a bad
 first image) leaves nothing behind. Only one run may write an output at a time: the stage claims it first
 (:func:`mmed_rag.outputs.claim_outputs`), or two runs would interleave their lines in the same partial file.
+
+A rerun resumes only the run that made the partial file. Beside it, ``OUTPUT.partial.identity.json`` records
+what decides the results (the input's sha256, fingerprints of the model, adapter, retriever and index, and the
+options that change answers); a rerun whose identity differs is refused with the differences named, instead of
+splicing two runs into one output. ``fresh=True`` (``--fresh``) discards the partial file and starts over.
 """
 
 from __future__ import annotations
@@ -17,9 +22,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
-from mmed_rag.atomic import atomic_write_bytes
+from mmed_rag.atomic import atomic_write_bytes, atomic_write_text
+from mmed_rag.errors import MMedRAGError
 
 PARTIAL_SUFFIX = ".partial"
+IDENTITY_SUFFIX = ".identity.json"
+
+
+class ResumeError(MMedRAGError):
+    """A partial output made by a run with other inputs or settings than this one."""
 
 
 def partial_path(output: str | os.PathLike) -> Path:
@@ -58,11 +69,39 @@ class ResumableOutput:
     Use it as a context manager; the partial file is opened at the first :meth:`append` and closed on exit.
     """
 
-    def __init__(self, output: str | os.PathLike):
+    def __init__(self, output: str | os.PathLike, identity: dict | None = None, *, fresh: bool = False):
         self.output = Path(output)
         self.partial = partial_path(output)
+        self.identity_path = self.partial.with_name(self.partial.name + IDENTITY_SUFFIX)
+        self.identity = json.loads(json.dumps(identity or {}))  # as it reads back from the file
+        if fresh:
+            self.partial.unlink(missing_ok=True)
+            self.identity_path.unlink(missing_ok=True)
+        elif self.partial.exists():
+            self._check_identity()
         self.done = completed_keys(self.partial)
         self._sink: IO[str] | None = None
+
+    def _check_identity(self) -> None:
+        try:
+            recorded = json.loads(self.identity_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise ResumeError(
+                f"{self.partial} holds results of a run that left no record of its inputs and settings "
+                f"({self.identity_path.name} is missing or unreadable): rerun with --fresh to start over"
+            ) from None
+        changed = [
+            key for key in sorted(set(recorded) | set(self.identity)) if recorded.get(key) != self.identity.get(key)
+        ]
+        if changed:
+            shown = "; ".join(
+                f"{key}: {recorded.get(key)!r} then, {self.identity.get(key)!r} now" for key in changed[:4]
+            )
+            more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise ResumeError(
+                f"{self.partial} holds results of a run with other inputs or settings ({shown}{more}); resuming would "
+                "mix the two in one output: rerun with the same ones, or with --fresh to start over"
+            )
 
     def __enter__(self) -> ResumableOutput:
         return self
@@ -78,6 +117,8 @@ class ResumableOutput:
         if not lines:
             return
         if self._sink is None:
+            if not self.partial.exists():  # the record goes first: a partial file never exists without it
+                atomic_write_text(self.identity_path, json.dumps(self.identity, indent=1, sort_keys=True) + "\n")
             self._sink = open(self.partial, "a", encoding="utf-8")  # noqa: SIM115 (closed in __exit__)
         append_lines(self._sink, lines)
 
@@ -90,4 +131,5 @@ class ResumableOutput:
         with open(self.partial, encoding="utf-8") as finished:
             written = sum(1 for _ in finished)
         os.replace(self.partial, self.output)
+        self.identity_path.unlink(missing_ok=True)
         return written

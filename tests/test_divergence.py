@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +105,24 @@ def test_the_trainer_callback_checks_weights_gradients_and_logged_numbers():
         model.weight[0] = math.nan
     with pytest.raises(DivergedError, match="non-finite weights in weight at the start"):  # a resumed NaN state
         callback.on_train_begin(None, state, None, model=model, optimizer=optimizer)
+
+
+def test_a_diverged_retriever_builds_no_index_and_nan_queries_find_nothing(world, tmp_path, capsys):
+    from mmed_rag.retrieval.clip import save_clip
+    from mmed_rag.retrieval.index import ReportIndex
+    from mmed_rag.retrieval.ranking import NonFiniteScoresError
+    from mmed_rag.testing import tiny_clip
+
+    model = tiny_clip(0)[0]
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(math.nan)
+    save_clip(model, tmp_path / "nan-clip", "tiny-clip")
+    argv = ["build-index", "--retriever", str(tmp_path / "nan-clip"), "--corpus", str(world.corpus)]
+    code = main([*argv, "--modality", "radiology", "--out", str(tmp_path / "index"), "--device", "cpu"])
+    line = one_error_line(capsys.readouterr().err, "build-index")
+    assert code == 2 and "NaN or infinite" in line and "no index is built" in line
+    assert not (tmp_path / "index").exists()
+    index = ReportIndex.load(world.index)
+    with pytest.raises(NonFiniteScoresError, match="query embeddings"):
+        index.search(np.full((2, index.embed_dim), np.nan, dtype=np.float32), 3)

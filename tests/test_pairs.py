@@ -72,7 +72,8 @@ def test_stage_two_mixes_alignment_pairs_with_half_the_cross_modality_pairs():
         split_stages(pairs, 1.5)
 
 
-def write_run(path, answers, gold, prompt=PROMPT):
+def write_run(path, answers, gold, prompt=PROMPT, reports=("The heart is enlarged.",)):
+    """A generate output as make-pairs reads it (a run without retrieval has no reference reports)."""
     rows = [
         {
             "question_id": key,
@@ -82,6 +83,8 @@ def write_run(path, answers, gold, prompt=PROMPT):
             "modality": "radiology",
             "prompt": prompt,
             "prediction": answer,
+            "reference_reports": list(reports),
+            "retrieve_k": len(reports),
         }
         for key, answer in answers.items()
     ]
@@ -97,7 +100,7 @@ def runs(tmp_path):
     noised = {1: "Yes", 2: "Yes", 3: "No", 4: "No", 5: "No"}
     return {
         "with_retrieval": write_run(tmp_path / "rag.jsonl", rag, gold),
-        "without_retrieval": write_run(tmp_path / "plain.jsonl", plain, gold),
+        "without_retrieval": write_run(tmp_path / "plain.jsonl", plain, gold, reports=()),
         "noised": write_run(tmp_path / "noised.jsonl", noised, gold),
     }
 

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import yaml
 
+from mmed_rag.adapters import load_lora
 from mmed_rag.alignment.dpo_config import PROJECTOR, DPOError, MMedRAGDPOConfig, StageMismatchError, warn_once
 from mmed_rag.alignment.original_flags import architecture_warnings
 from mmed_rag.alignment.trainer import MMedRAGDPOTrainer
@@ -224,7 +225,6 @@ def _check_trainable(model) -> None:
 
 def train_stage(config: MMedRAGDPOConfig, plan: StagePlan, processor, callbacks: list | None = None) -> dict[str, Any]:
     """Train one stage (or resume it, or skip it when finished); return what its stage.json says."""
-    from peft import PeftModel
 
     from mmed_rag.alignment.dataset import load_preference_pairs
 
@@ -269,7 +269,7 @@ def train_stage(config: MMedRAGDPOConfig, plan: StagePlan, processor, callbacks:
     if plan.start_adapter is None:
         peft_config = lora_config(config)
     else:
-        model = PeftModel.from_pretrained(model, plan.start_adapter, is_trainable=True)
+        model = load_lora(model, plan.start_adapter, is_trainable=True)
     trainer = MMedRAGDPOTrainer(
         model=model,
         args=args,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,6 +26,10 @@ from mmed_rag.outputs import claim_outputs
 logger = logging.getLogger(__name__)
 
 RUNS = ("with_retrieval", "without_retrieval", "noised")
+# The generate options each run must have been made with: (no_retrieval, noised_image).
+MODES = {"with_retrieval": (False, False), "without_retrieval": (True, False), "noised": (False, True)}
+# What must be the same in the three runs' saved configs: one question set, one model.
+SHARED = ("input", "model", "adapter", "task")
 
 
 @dataclass
@@ -75,6 +80,7 @@ def _answered_items(config: MakePairsConfig) -> tuple[list[AnsweredItem], list[s
         raise ConfigError(f"make-pairs needs the three generate outputs; missing {', '.join(missing)}")
     gold = (config.gold,) if config.gold else ()
     runs = {run: read_examples([path], config.task, gold, on_error=config.on_error) for run, path in paths.items()}
+    check_run_modes(paths, {run: list(examples) for run, examples in runs.items()})
     problems = [problem for examples in runs.values() for problem in examples.problems]
     by_key = {run: {example.key: example for example in examples} for run, examples in runs.items()}
     keys = [key for key in by_key["with_retrieval"] if all(key in by_key[run] for run in RUNS)]
@@ -110,6 +116,68 @@ def _answered_items(config: MakePairsConfig) -> tuple[list[AnsweredItem], list[s
             )
         )
     return items, problems
+
+
+def _describe(mode: tuple[bool, bool]) -> str:
+    no_retrieval, noised = mode
+    return ", ".join(
+        ["without retrieval (--no-retrieval)" if no_retrieval else "with retrieval"]
+        + ["on noise images (--noised-image)" if noised else "on the real images"]
+    )
+
+
+def _saved_config(path: str) -> dict | None:
+    """The config ``generate`` saved beside its output (``OUT.config.yaml``), if it is there."""
+    import yaml
+
+    saved = Path(path).with_name(f"{Path(path).stem}.config.yaml")
+    if not saved.is_file():
+        return None
+    try:
+        loaded = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise EvalInputError(f"{saved}: cannot read the run's saved config: {error}") from None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def check_run_modes(paths: dict[str, str], examples: dict[str, list]) -> None:
+    """Refuse runs that are not what their flags say: one file in two roles, a run made in another mode (read
+    from its saved config, else from whether its records hold reference reports), or runs of different
+    questions or models."""
+    flag = {run: f"--{run.replace('_', '-')}" for run in RUNS}
+    seen: dict[Path, str] = {}
+    for run, path in paths.items():
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise EvalInputError(
+                f"{path} is given as both {flag[seen[resolved]]} and {flag[run]}: each run is its own file"
+            )
+        seen[resolved] = run
+    configs = {run: _saved_config(path) for run, path in paths.items()}
+    for run, path in paths.items():
+        saved = configs[run]
+        if saved is not None:
+            mode = (bool(saved.get("no_retrieval")), bool(saved.get("noised_image")))
+            if mode != MODES[run]:
+                raise EvalInputError(
+                    f"{path} was generated {_describe(mode)}, but {flag[run]} needs a run {_describe(MODES[run])}"
+                )
+            continue
+        with_reports = any(example.reference_reports for example in examples[run])
+        if with_reports == MODES[run][0]:
+            found = "holds retrieved reports" if with_reports else "holds no retrieved reports"
+            raise EvalInputError(f"{path} {found}, but {flag[run]} needs a run {_describe(MODES[run])}")
+        logger.warning("%s: no saved config beside it; its image mode (real or noise) cannot be checked", path)
+    known = {run: saved for run, saved in configs.items() if saved is not None}
+    for name in SHARED:
+        values = {run: saved.get(name) for run, saved in known.items()}
+        if name != "task":  # paths, as saved: compared where they lead from here
+            values = {run: value and os.path.realpath(value) for run, value in values.items()}
+        if len(set(map(str, values.values()))) > 1:
+            shown = "; ".join(f"{flag[run]}: {value}" for run, value in values.items())
+            raise EvalInputError(
+                f"the runs were made with different '{name}' ({shown}): pairs need one question set and one model"
+            )
 
 
 def _verdicts(config: MakePairsConfig, items: list[AnsweredItem]) -> list[Verdicts]:

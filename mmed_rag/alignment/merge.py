@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from mmed_rag.adapters import load_lora
 from mmed_rag.atomic import atomic_write_text, publish_directory
 from mmed_rag.config import ConfigError
 from mmed_rag.errors import MMedRAGError
@@ -46,18 +47,15 @@ def merge_lora(
     ``dtype`` defaults to the base model's saved dtype. The processor comes from the adapter directory when it
     has one (training saves it there), else from the base model's.
     """
-    from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
     if not (base_dir / "config.json").is_file():
         raise MergeError(f"{base_dir} is not a model directory (no config.json)")
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise MergeError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
     model = AutoModelForImageTextToText.from_pretrained(
         base_dir, dtype=dtype or "auto", trust_remote_code=trust_remote_code
     )
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged = load_lora(model, adapter_dir).merge_and_unload()
     processor_files = ("processor_config.json", "preprocessor_config.json")
     has_processor = any((adapter_dir / name).is_file() for name in processor_files)
     processor = AutoProcessor.from_pretrained(

@@ -678,11 +678,27 @@ def read_records(
             result.records.append(record)
             result.positions.append(position)
     except FileFormatError as error:
-        fail(error)
+        if on_error == "raise" or not result.records:
+            raise
+        # The records before the break are kept; how many came after it cannot be known.
+        fail(FileFormatError(error.path, error.position, error.field, f"{error.problem}; reading stopped here"))
     if not result.kind or (kind is None and result.kind == "retriever"):
         # Retriever pairs and report test sets share one format; detection cannot tell them apart.
         result.kind = "retriever/report"
     return result
+
+
+def read_or_skip(path: str | Path, on_error: Literal["raise", "skip"]) -> tuple[list, list[str]]:
+    """The records of a stage's input, and (``on_error="skip"``) one message per record left out, logged.
+
+    For stages that report what they skipped: a record the reader could not parse is counted and named like a
+    record the stage itself could not use, never silently dropped.
+    """
+    result = read_records(path, on_error=on_error)
+    skipped = [str(error) for error in result.errors]
+    for message in skipped:
+        logger.warning("skipping %s", message)
+    return result.records, skipped
 
 
 def read_retriever_train(path: str | Path, **options: Any) -> ReadResult:

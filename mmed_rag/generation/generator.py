@@ -12,7 +12,6 @@ Batches are left-padded, so batched greedy decoding gives the same text as decod
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
+from mmed_rag.adapters import load_lora
 from mmed_rag.config import ConfigError
 from mmed_rag.data.records import IMAGE_TOKEN
 from mmed_rag.device import resolve_device
@@ -118,7 +118,7 @@ class Generator:
             directory, dtype=_dtype(config.dtype, device), trust_remote_code=config.trust_remote_code
         ).to(device)
         if config.adapter is not None:
-            model = _with_adapter(model, config.adapter)
+            model = load_lora(model, config.adapter)
         logger.info(
             "Loaded generator %s (%s, %s)%s",
             directory,
@@ -235,16 +235,3 @@ class _StopOnStrings:
         answers = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
         done = [any(stop in answer for stop in self.stop_strings) for answer in answers]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-def _with_adapter(model, adapter: str | os.PathLike):
-    """Attach a LoRA adapter saved by peft; a missing or corrupt one is an error naming it."""
-    from peft import PeftModel
-
-    adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise GeneratorError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json)")
-    try:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=False)
-    except Exception as error:  # peft raises ValueError, KeyError, RuntimeError or safetensors errors
-        raise GeneratorError(f"cannot load the adapter {adapter}: {type(error).__name__}: {error}") from None

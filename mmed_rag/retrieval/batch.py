@@ -16,6 +16,7 @@ original scripts:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,10 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmed_rag.config import ConfigError
 from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image
-from mmed_rag.data.records import RetrievalRecord, read_records
+from mmed_rag.data.records import RetrievalRecord, read_or_skip
 from mmed_rag.device import resolve_device
 from mmed_rag.errors import MMedRAGError
-from mmed_rag.fingerprint import file_sha256
+from mmed_rag.fingerprint import file_sha256, path_fingerprint
 from mmed_rag.outputs import claim_outputs
 from mmed_rag.progress import progress_bar
 from mmed_rag.resumable import ResumableOutput
@@ -80,6 +81,9 @@ class RetrieveConfig:
     workers: int = field(default=0, metadata={"help": "image-loading worker processes"})
     on_error: Literal["raise", "skip"] = field(
         default="raise", metadata={"help": "a record with a bad image: stop (raise) or report and leave it out (skip)"}
+    )
+    fresh: bool = field(
+        default=False, metadata={"help": "discard the results of an interrupted earlier run instead of resuming it"}
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
 
@@ -153,6 +157,19 @@ def _collate(items):
     return items
 
 
+def _identity(config: RetrieveConfig, retriever: Retriever) -> dict:
+    """What decides this run's results: a resumed run must match it (see :mod:`mmed_rag.resumable`)."""
+    return {
+        "stage": "retrieve",
+        "eval_json sha256": file_sha256(config.eval_json),
+        "img_root": os.path.abspath(config.img_root),
+        "retriever weights sha256": retriever.identity.weights_sha256,
+        "index": path_fingerprint(config.index),
+        "train_json sha256": file_sha256(config.train_json) if config.index is None else None,
+        **{name: getattr(config, name) for name in ("fixed_k", "clip_threshold", "select_rule", "select_threshold")},
+    }
+
+
 def retrieve(config: RetrieveConfig) -> RetrievalSummary:
     """Retrieve reports for every record of ``config.eval_json`` and write the original output format."""
     output = Path(config.output_path)
@@ -173,10 +190,9 @@ def _retrieve(config: RetrieveConfig, output: Path) -> RetrievalSummary:
     else:
         index, index_dir = cached_index(retriever, Path(config.train_json), output.parent / INDEX_CACHE_DIR)
 
-    records = read_records(config.eval_json, on_error=config.on_error).records
+    records, skipped = read_or_skip(config.eval_json, config.on_error)
     selection = config.selection()
-    skipped: list[str] = []
-    with ResumableOutput(output) as sink, torch.no_grad():
+    with ResumableOutput(output, _identity(config, retriever), fresh=config.fresh) as sink, torch.no_grad():
         done = sink.done
         todo = [record for record in records if record.key not in done]
         if done:

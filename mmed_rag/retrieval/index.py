@@ -49,6 +49,7 @@ from mmed_rag.fingerprint import file_sha256
 from mmed_rag.outputs import claim_outputs
 from mmed_rag.retrieval.clip import LOCAL_DIR_PREFIX, MANIFEST_FILE, create_clip, resolve_clip
 from mmed_rag.retrieval.encode import embedding_dim, encode_texts
+from mmed_rag.retrieval.ranking import NonFiniteScoresError, check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +254,10 @@ class ReportIndex:
             batch_size=batch_size,
             progress=progress,
         )
+        try:
+            check_finite(embeddings, f"report embeddings of {corpus} by {retriever.identity.model_name}")
+        except NonFiniteScoresError as error:
+            raise IndexBuildError(f"{error}: no index is built from them") from None
         index, params = _new_faiss_index(
             kind,
             embeddings,
@@ -377,6 +382,7 @@ class ReportIndex:
             )
         if k < 1:
             raise ValueError(f"k: expected at least 1, got {k}")
+        check_finite(queries, "query embeddings")  # FAISS would rank NaN queries as arbitrary rows
         k = min(k, self.size)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         searcher = self._gpu_index if self._gpu_index is not None and k <= GPU_MAX_K else self.index
