@@ -250,14 +250,20 @@ class MMedRAG:
             raise PipelineError(f"task 'vqa' needs questions, but record {record.key!r} has none")
         return record.question
 
-    def run_file(self, input_path: str | os.PathLike, output_path: str | os.PathLike) -> RunSummary:
-        """Answer every record of a VQA or report test file; resumable; the output appears when complete."""
+    def run_file(
+        self, input_path: str | os.PathLike, output_path: str | os.PathLike, read: tuple[list, list[str]] | None = None
+    ) -> RunSummary:
+        """Answer every record of a VQA or report test file; resumable; the output appears when complete.
+
+        ``read``: the file's ``(records, skipped)`` when the caller has read it already (``generate`` reads the
+        input before loading the model, so a bad file fails in a second, not after minutes of loading).
+        """
         output = Path(output_path)
         with claim_outputs("generate", files=[output], inputs=[input_path, *self.config.read_paths()]):
-            return self._run_file(input_path, output)
+            return self._run_file(input_path, output, read or read_or_skip(input_path, self.config.on_error))
 
-    def _run_file(self, input_path, output: Path) -> RunSummary:
-        records, skipped = read_or_skip(input_path, self.config.on_error)
+    def _run_file(self, input_path, output: Path, read: tuple[list, list[str]]) -> RunSummary:
+        records, skipped = read[0], list(read[1])
         batch_size = self.generator.config.batch_size
         with ResumableOutput(output, self._identity(input_path), fresh=self.config.fresh) as sink:
             done = sink.done
@@ -345,7 +351,8 @@ def generate(config: PipelineConfig) -> RunSummary:
         raise ConfigError("give --input (a VQA JSONL or report JSON) and --output")
     output = Path(config.output)
     with claim_outputs("generate", files=[output], inputs=config.read_paths()):
+        read = read_or_skip(config.input, config.on_error)
         pipeline = MMedRAG.from_config(config)
-        summary = pipeline.run_file(config.input, output)
+        summary = pipeline.run_file(config.input, output, read)
         save_config(config, output.parent, name=f"{output.stem}.config.yaml")
     return summary

@@ -146,7 +146,7 @@ def test_index_of_another_retriever_is_refused(setup, tmp_path):
 
 
 def test_adaptive_rules_write_the_number_kept(setup, tmp_path):
-    summary = retrieve(config(setup, tmp_path / "out.jsonl", fixed_k=5, select_rule="absolute", select_threshold=2.0))
+    summary = retrieve(config(setup, tmp_path / "out.jsonl", fixed_k=5, select_rule="absolute", select_threshold=1.0))
     assert {line["retrieve_k"] for line in read_lines(summary.output_path)} == {0}
     summary = retrieve(config(setup, tmp_path / "ratio.jsonl", fixed_k=5, clip_threshold=1.0001))
     for line in read_lines(summary.output_path):

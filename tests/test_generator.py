@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmed_rag.adapters import AdapterError
 from mmed_rag.generation.generator import (
     Generator,
     GeneratorConfig,
@@ -106,9 +107,9 @@ def test_lora_adapter_changes_the_model_and_a_corrupt_one_is_named(model_dir, tm
         assert not torch.allclose(plain.model(**inputs).logits, adapted.model(**inputs).logits)
 
     (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(GeneratorError, match="cannot load the adapter"):
+    with pytest.raises(AdapterError, match="cannot load the adapter"):
         Generator.load(GeneratorConfig(model=str(model_dir), adapter=str(tmp_path / "adapter")))
-    with pytest.raises(GeneratorError, match="not a LoRA adapter directory"):
+    with pytest.raises(AdapterError, match="not a LoRA adapter directory"):
         Generator.load(GeneratorConfig(model=str(model_dir), adapter=str(tmp_path)))
 
 

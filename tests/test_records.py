@@ -352,7 +352,8 @@ def test_empty_and_missing_files(tmp_path):
         read_retriever_train(tmp_path / "missing.json")
     blank = tmp_path / "vqa.jsonl"
     blank.write_text("\n\n")
-    assert len(read_vqa(blank)) == 0
+    with pytest.raises(FileFormatError, match="empty"):  # as an empty .json: not an empty result
+        read_vqa(blank)
 
 
 def test_skip_mode_summary_lists_every_problem(tmp_path):

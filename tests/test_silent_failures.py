@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -262,3 +263,76 @@ def test_make_pairs_refuses_runs_of_different_questions(retrieval_run, world, tm
     assert main(pairs_argv(tmp_path, retrieval_run, without, noised)) == 2
     line = one_error_line(capsys.readouterr().err, "make-pairs")
     assert "different 'input'" in line and "other.jsonl" in line
+
+
+# -- the weak cases: clear errors, before any model is loaded -----------------------------------------------------
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Loading a retriever or a generator fails the test: these errors must come before that work."""
+    from mmed_rag.generation.generator import Generator
+    from mmed_rag.retrieval import batch
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was found")
+
+    monkeypatch.setattr(batch, "load_retriever", loaded)
+    monkeypatch.setattr(Generator, "load", classmethod(loaded))
+
+
+@pytest.mark.parametrize("stage", ["retrieve", "generate"])
+@pytest.mark.parametrize(
+    "name, content, says",
+    [
+        ("empty.jsonl", b"\n\n", "the file is empty"),
+        ("empty.json", b"  ", "the file is empty"),
+        ("wide.jsonl", '{"question_id": 1}\n'.encode("utf-16"), "UTF-16"),
+    ],
+)
+def test_empty_and_utf16_inputs_fail_clearly_before_any_model_loads(
+    stage, name, content, says, world, tmp_path, capsys, no_model_loads
+):
+    source = tmp_path / name
+    source.write_bytes(content)
+    build = retrieve_argv if stage == "retrieve" else generate_argv
+    assert main(build(world, source, tmp_path / "out.jsonl")) == 2
+    line = one_error_line(capsys.readouterr().err, stage)
+    assert name in line and says in line
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        (["--clip_threshold", "1.0"], "--clip_threshold: the ratio threshold must be above 1"),
+        (["--select_rule", "absolute", "--select_threshold", "1.5"], "must lie in [-1, 1], got 1.5"),
+        (["--select_rule", "gap", "--select_threshold", "0"], "gamma must be positive"),
+    ],
+)
+def test_thresholds_that_can_never_select_are_config_errors(options, says, world, tmp_path, capsys, no_model_loads):
+    assert main(retrieve_argv(world, world.vqa, tmp_path / "out.jsonl", *options)) == 2
+    assert says in one_error_line(capsys.readouterr().err, "retrieve")
+
+
+def test_a_random_bytes_checkpoint_is_named(world, tmp_path, capsys):
+    checkpoint = tmp_path / "weights.pt"
+    checkpoint.write_bytes(np.random.default_rng(0).bytes(10_000))
+    argv = retrieve_argv(world, world.vqa, tmp_path / "out.jsonl", "--checkpoint_path", str(checkpoint))
+    argv[argv.index("--model_name_or_path") + 1] = "tiny-clip"
+    argv[argv.index("--index") : argv.index("--index") + 2] = ["--train_json", str(world.corpus)]
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err, "retrieve")
+    assert "weights.pt is not a PyTorch checkpoint" in line
+
+
+def test_an_unwritable_output_folder_is_found_before_encoding(world, tmp_path, capsys, monkeypatch):
+    from mmed_rag.retrieval import index
+
+    def encoded(*args, **kwargs):
+        raise AssertionError("the corpus was encoded before the output was checked")
+
+    monkeypatch.setattr(index, "encode_texts", encoded)
+    (tmp_path / "file").write_text("a file, not a folder")
+    argv = ["build-index", "--retriever", str(world.clip), "--corpus", str(world.corpus), "--modality", "radiology"]
+    assert main([*argv, "--out", str(tmp_path / "file/index")]) == 2
+    assert "cannot create the folder of the output" in one_error_line(capsys.readouterr().err, "build-index")

@@ -628,10 +628,20 @@ def read_records(
         data = path.read_bytes()
     except OSError as error:
         raise FileFormatError(path, None, None, f"cannot read the file: {error.strerror or error}") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:4096]:
+        raise FileFormatError(
+            path,
+            None,
+            None,
+            "the file is UTF-16 (or another wide encoding), expected UTF-8: convert it, e.g. "
+            "with `iconv -f UTF-16 -t UTF-8`",
+        )
     had_bom = data.startswith(_BOM)
     if had_bom:
         logger.warning("%s starts with a UTF-8 byte-order mark; reading past it (it is not written back)", path)
         data = data[len(_BOM) :]
+    if not data.strip():  # .json and .jsonl alike: an empty input is a mistake, not an empty result
+        raise FileFormatError(path, None, None, "the file is empty: expected records (a JSON list or JSON Lines)")
     text = _decode(data)
     container = _container_of(path, text)
     result = ReadResult(path, kind or "", container, had_bom=had_bom)

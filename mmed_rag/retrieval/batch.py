@@ -179,6 +179,7 @@ def retrieve(config: RetrieveConfig) -> RetrievalSummary:
 
 
 def _retrieve(config: RetrieveConfig, output: Path) -> RetrievalSummary:
+    records, skipped = read_or_skip(config.eval_json, config.on_error)  # a bad input fails before any model loads
     device = resolve_device(config.device)
     retriever = load_retriever(config.model_name_or_path, config.checkpoint_path, device)
     if config.index is not None:
@@ -190,7 +191,6 @@ def _retrieve(config: RetrieveConfig, output: Path) -> RetrievalSummary:
     else:
         index, index_dir = cached_index(retriever, Path(config.train_json), output.parent / INDEX_CACHE_DIR)
 
-    records, skipped = read_or_skip(config.eval_json, config.on_error)
     selection = config.selection()
     with ResumableOutput(output, _identity(config, retriever), fresh=config.fresh) as sink, torch.no_grad():
         done = sink.done

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -197,6 +198,12 @@ def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as error:  # safetensors raises its own SafetensorError (and OSError)
             raise ClipCheckpointError(f"{path} is not a readable safetensors file: {error}") from None
     else:
+        if path.is_file() and not zipfile.is_zipfile(path):
+            with open(path, "rb") as handle:  # torch.save writes a zip; older files are pickles (protocol 2+: 0x80)
+                if handle.read(1) != b"\x80":
+                    raise ClipCheckpointError(
+                        f"{path} is not a PyTorch checkpoint (neither torch.save's zip nor a pickle)"
+                    )
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
@@ -206,7 +213,7 @@ def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"{path} holds more than tensors and plain data, so it is not loaded (weights_only=True): "
                 f"re-save its state dict as safetensors. ({error})"
             ) from error
-        except (RuntimeError, KeyError, EOFError, ValueError) as error:
+        except Exception as error:  # torch.load fails on random bytes with IndexError, EOFError, RuntimeError, ...
             raise ClipCheckpointError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {error})") from None
         state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

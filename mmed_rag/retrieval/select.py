@@ -108,6 +108,15 @@ class KSelection:
             raise ValueError(f"unknown selection rule {self.rule!r}; expected one of {', '.join(RULES)}")
         if self.rule != "fixed" and self.threshold is None:
             raise ValueError(f"the {self.rule!r} rule needs a threshold")
+        # Thresholds that can never select more than the best candidate, or never any: refused before any work.
+        if self.rule == "ratio" and not self.threshold > 1:
+            raise ValueError(
+                f"the ratio threshold must be above 1 (s_1 / s_1 = 1 is never below it), got {self.threshold}"
+            )
+        if self.rule == "gap" and not self.threshold > 0:
+            raise ValueError(f"gamma must be positive, got {self.threshold}")
+        if self.rule == "absolute" and not -1 <= self.threshold <= 1:
+            raise ValueError(f"a minimum cosine similarity must lie in [-1, 1], got {self.threshold}")
 
     @classmethod
     def from_original_flags(cls, fixed_k: int, clip_threshold: float | None = None) -> KSelection:
@@ -118,8 +127,15 @@ class KSelection:
     def from_options(
         cls, fixed_k: int, clip_threshold: float | None, rule: Rule | None, threshold: float | None
     ) -> KSelection:
-        """The options of batch retrieval and generation: an explicit rule, else the original flags."""
-        return cls.from_original_flags(fixed_k, clip_threshold) if rule is None else cls(rule, fixed_k, threshold)
+        """The options of batch retrieval and generation: an explicit rule, else the original flags.
+
+        A bad value is a ``ValueError`` naming the option that holds it.
+        """
+        try:
+            return cls.from_original_flags(fixed_k, clip_threshold) if rule is None else cls(rule, fixed_k, threshold)
+        except ValueError as error:
+            flag = "--clip_threshold" if rule is None else f"--select-threshold (rule {rule!r})"
+            raise ValueError(f"{flag}: {error}") from None
 
     def __call__(self, scores: Sequence[float] | np.ndarray) -> int:
         """The number of leading candidates to keep."""
