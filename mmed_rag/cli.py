@@ -183,6 +183,21 @@ def _run_make_pairs(config) -> int:
     return 0
 
 
+def _train_sft_config() -> type:
+    from mmed_rag.training.sft import SFTConfig
+
+    return SFTConfig
+
+
+def _run_train_sft(config) -> int:
+    from mmed_rag.training.sft import train_sft
+
+    result = train_sft(config)
+    for name, directory in result["stages"].items():
+        print(f"SFT stage {name}: {directory} ({result['summaries'][name]['global_step']} steps)")
+    return 0
+
+
 def _merge_lora_config() -> type:
     from mmed_rag.alignment.merge import MergeLoraConfig
 
@@ -307,6 +322,12 @@ STAGES = (
         "RAG-PT preference pairs (one file per stage) from generate runs with/without retrieval and noise",
         _make_pairs_config,
         _run_make_pairs,
+    ),
+    Stage(
+        "train-sft",
+        "supervised fine-tuning of an image-text-to-text model on LLaVA conversations, in stages",
+        _train_sft_config,
+        _run_train_sft,
     ),
     Stage(
         "merge-lora",

@@ -616,9 +616,39 @@ CASES = [
         outputs=("dpo",),
     ),
     Case("train-dpo/output-is-the-model", lambda w, t: dpo_args(w, t, output=w.llava), ("llava", "input")),
+    # train-sft
+    Case(
+        "train-sft/missing-data",
+        lambda w, t: [*sft_args(w, t), "--data", str(t / "absent.json")],
+        ("absent.json",),
+        outputs=("sft",),
+    ),
+    Case(
+        "train-sft/marker-count-off",
+        lambda w, t: [*sft_args(w, t), "--data", str(sft_data(w, t, "<image>\n<image>\nIs it normal?"))],
+        ("sft.json", "record 0", "conversations", "2 <image> marker(s) for 1 image(s)"),
+        outputs=("sft",),
+    ),
+    Case("train-sft/output-is-the-model", lambda w, t: [*sft_args(w, t, output=w.llava)], ("llava", "input")),
     # demo
     Case("demo/out-is-a-file", lambda w, t: ["demo", "--out", str(w.pred)], ("pred.jsonl", "is a file")),
 ]
+
+
+def sft_data(world, tmp: Path, human: str = "<image>\nIs the heart enlarged?") -> Path:
+    record = {
+        "id": "s0",
+        "image": world.first_image,
+        "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": "No."}],
+    }
+    return write(tmp / "sft.json", json.dumps([record, {**record, "id": "s1"}]))
+
+
+def sft_args(world, tmp: Path, output=None) -> list[str]:
+    return [
+        *("train-sft", "--model", str(world.llava), "--data", str(sft_data(world, tmp))),
+        *("--image-folder", str(world.images), "--output-dir", str(output or tmp / "sft"), "--max-steps", "1"),
+    ]
 
 
 def write(path: Path, text: str) -> Path:

@@ -18,7 +18,7 @@ from transformers import AutoModelForImageTextToText, TrainerCallback
 from mmed_rag.alignment.collator import RAGPreferenceCollator, pair_noise
 from mmed_rag.alignment.dataset import load_preference_pairs, preference_dataset, user_text
 from mmed_rag.alignment.dpo import lora_config, parse_dpo_args, train_dpo_2stages
-from mmed_rag.alignment.dpo_config import PROJECTOR, DPOError, MMedRAGDPOConfig, StageMismatchError
+from mmed_rag.alignment.dpo_config import PROJECTOR, DPOError, MMedRAGDPOConfig
 from mmed_rag.alignment.original_flags import architecture_warnings
 from mmed_rag.alignment.trainer import MMedRAGDPOTrainer
 from mmed_rag.cli import main
@@ -28,6 +28,7 @@ from mmed_rag.data.records import RecordError
 from mmed_rag.fingerprint import file_sha256
 from mmed_rag.generation.generator import Generator, GeneratorConfig
 from mmed_rag.testing import save_tiny_llava, tiny_llava, tiny_llava_config, tiny_processor
+from mmed_rag.training.stages import StageMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
 HUMAN = (

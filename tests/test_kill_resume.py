@@ -153,3 +153,29 @@ def test_train_dpo_resumes_from_its_checkpoint_to_the_same_adapter(world, tmp_pa
         tmp_path / "straight/stage1/adapter_model.safetensors",
         atol=1e-6,
     )
+
+
+def test_train_sft_resumes_from_its_checkpoint_to_the_same_weights(world, tmp_path):
+    records = []
+    for line in world.vqa.read_text().splitlines():
+        row = json.loads(line)
+        human = "<image>\n" + row["question"].replace("<image>", "").strip()
+        conversation = [{"from": "human", "value": human}, {"from": "gpt", "value": row["answer"]}]
+        records.append({"id": str(row["question_id"]), "image": row["image"], "conversations": conversation})
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps(records * 2))
+
+    def argv(out: Path) -> list[str]:
+        return [
+            *("train-sft", "--model", str(world.llava), "--data", str(data), "--image-folder", str(world.images)),
+            *("--output-dir", str(out), "--max-steps", "5", "--batch-size", "2", "--learning-rate", "3e-3"),
+            *("--save-steps", "1", "--logging-steps", "1", "--max-length", "256", "--no-plot"),
+        ]
+
+    assert main(argv(tmp_path / "straight")) == 0
+    run_killed(argv(tmp_path / "killed"), "trl.trainer.sft_trainer:SFTTrainer.training_step", 4, tmp_path)
+    assert (tmp_path / "killed/checkpoints/sft/checkpoint-3").is_dir() and not (tmp_path / "killed/sft").exists()
+    assert main(argv(tmp_path / "killed")) == 0
+    summary = json.loads((tmp_path / "killed/sft/stage.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-3") and summary["global_step"] == 5
+    assert_same_weights(tmp_path / "killed/sft/model.safetensors", tmp_path / "straight/sft/model.safetensors", 1e-6)

@@ -32,7 +32,6 @@ import gc
 import json
 import logging
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,21 +41,19 @@ import torch
 import yaml
 
 from mmed_rag.adapters import load_lora
-from mmed_rag.alignment.dpo_config import PROJECTOR, DPOError, MMedRAGDPOConfig, StageMismatchError, warn_once
+from mmed_rag.alignment.dpo_config import PROJECTOR, DPOError, MMedRAGDPOConfig, warn_once
 from mmed_rag.alignment.original_flags import architecture_warnings
 from mmed_rag.alignment.trainer import MMedRAGDPOTrainer
-from mmed_rag.atomic import atomic_path, atomic_write_text, publish_directory
+from mmed_rag.atomic import atomic_path
 from mmed_rag.config import ConfigError
 from mmed_rag.divergence import StopOnDivergence
 from mmed_rag.fingerprint import file_sha256
 from mmed_rag.outputs import claim_outputs
+from mmed_rag.training.stages import finished_summary, last_checkpoint, publish_stage, record_identity
 
 logger = logging.getLogger(__name__)
 
-STAGE_MARKER = "stage.json"  # written last: a stage directory with it is complete
 CONFIG_FILE = "dpo_config.json"
-LOG_FILE = "log_history.json"
-CURVES_FILE = "curves.png"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Changing any of these changes what a stage computes: a finished stage or a checkpoint made with other values is
 # not silently reused.
@@ -127,10 +124,6 @@ class StagePlan:
         return output_dir / "checkpoints" / f"stage{self.number}"
 
 
-def is_complete(stage_dir: Path) -> bool:
-    return (stage_dir / STAGE_MARKER).is_file() and (stage_dir / ADAPTER_WEIGHTS).is_file()
-
-
 def plan_stages(config: MMedRAGDPOConfig) -> list[StagePlan]:
     """Which stages run on which data, continuing which adapter; every missing input is an error here."""
     for name in ("model_name_or_path", "image_folder", "output_dir"):
@@ -189,15 +182,6 @@ def _identity(config: MMedRAGDPOConfig, plan: StagePlan, data_sha256: str) -> di
     }
 
 
-def _check_identity(saved: dict[str, Any], wanted: dict[str, Any], where: Path) -> None:
-    changed = [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in wanted.items() if saved.get(key) != value]
-    if changed:
-        raise StageMismatchError(
-            f"{where} was made with other inputs or settings, so it is not reused: {'; '.join(changed)}. "
-            f"Use another --output_dir, or delete {where} to redo it."
-        )
-
-
 def _stage_args(config: MMedRAGDPOConfig, plan: StagePlan, output_dir: Path) -> MMedRAGDPOConfig:
     return dataclasses.replace(
         config,
@@ -205,12 +189,6 @@ def _stage_args(config: MMedRAGDPOConfig, plan: StagePlan, output_dir: Path) -> 
         learning_rate=plan.learning_rate,
         run_name=f"{output_dir.name}-stage{plan.number}",
     )
-
-
-def _last_checkpoint(directory: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(directory)) if directory.is_dir() else None
 
 
 def _check_trainable(model) -> None:
@@ -231,11 +209,10 @@ def train_stage(config: MMedRAGDPOConfig, plan: StagePlan, processor, callbacks:
     output_dir = Path(config.output_dir)
     final = plan.directory(output_dir)
     identity = _identity(config, plan, file_sha256(plan.data_path))
-    if is_complete(final):
-        summary = json.loads((final / STAGE_MARKER).read_text(encoding="utf-8"))
-        _check_identity(summary["identity"], identity, final)
+    finished = finished_summary(final, identity, ADAPTER_WEIGHTS)
+    if finished is not None:
         logger.info("Stage %d is finished (%s): skipped.", plan.number, final)
-        return summary
+        return finished
 
     pairs = load_preference_pairs(
         plan.data_path,
@@ -257,10 +234,7 @@ def train_stage(config: MMedRAGDPOConfig, plan: StagePlan, processor, callbacks:
     dataset = Dataset.from_list(pairs.rows)
     args = _stage_args(config, plan, output_dir)
     checkpoints = Path(args.output_dir)
-    resume = _last_checkpoint(checkpoints)
-    identity_file = checkpoints / "stage_identity.json"
-    if resume is not None and identity_file.is_file():
-        _check_identity(json.loads(identity_file.read_text(encoding="utf-8")), identity, checkpoints)
+    resume = last_checkpoint(checkpoints, identity)
 
     model = load_base_model(config)
     for message in architecture_warnings(config, model, processor):
@@ -291,17 +265,11 @@ def train_stage(config: MMedRAGDPOConfig, plan: StagePlan, processor, callbacks:
         args.device,
     )
     if args.should_save:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(identity_file, json.dumps(identity, indent=2) + "\n")
+        record_identity(checkpoints, identity)
     if resume:
         logger.info("Stage %d: resuming from %s.", plan.number, resume)
     result = trainer.train(resume_from_checkpoint=resume)
 
-    staging = final.with_name(final.name + ".partial")
-    if args.should_save:
-        shutil.rmtree(staging, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))  # every rank: ZeRO-3 gathers the adapter here
     summary = {
         "stage": plan.number,
         "data_path": str(plan.data_path),
@@ -315,16 +283,11 @@ def train_stage(config: MMedRAGDPOConfig, plan: StagePlan, processor, callbacks:
         "train_metrics": result.metrics,
         "identity": identity,
     }
+    title = f"RAG-PT stage {plan.number}: {plan.data_path.name}"
+    plot = (lambda history, path: plot_curves(history, path, title)) if config.plot else None
+    publish_stage(trainer, final, summary, plot, args_file=CONFIG_FILE)
     if args.should_save:
-        log_history = trainer.state.log_history
-        atomic_write_text(staging / CONFIG_FILE, args.to_json_string())
-        atomic_write_text(staging / LOG_FILE, json.dumps(log_history, indent=1) + "\n")
-        if config.plot:
-            plot_curves(log_history, staging / CURVES_FILE, f"RAG-PT stage {plan.number}: {plan.data_path.name}")
-        atomic_write_text(staging / STAGE_MARKER, json.dumps(summary, indent=2) + "\n")
-        publish_directory(staging, final)
         logger.info("Stage %d done: adapter in %s (%d steps).", plan.number, final, trainer.state.global_step)
-    trainer.accelerator.wait_for_everyone()
     del trainer, model
     gc.collect()
     return summary

@@ -31,10 +31,6 @@ class DPOError(MMedRAGError, ValueError):
     """A DPO run that cannot start or continue; the message says what to change."""
 
 
-class StageMismatchError(DPOError):
-    """``output_dir`` holds a stage made from other data, another base model or other settings."""
-
-
 def _strip_none(annotation: Any) -> Any:
     arguments = [argument for argument in typing.get_args(annotation) if argument is not type(None)]
     return arguments[0] if typing.get_origin(annotation) in (typing.Union, types.UnionType) else annotation

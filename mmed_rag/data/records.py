@@ -35,8 +35,8 @@ from mmed_rag.errors import MMedRAGError
 
 logger = logging.getLogger(__name__)
 
-RecordKind = Literal["retriever", "report", "vqa", "preference", "retrieval"]
-KINDS: tuple[str, ...] = ("retriever", "report", "vqa", "preference", "retrieval")
+RecordKind = Literal["retriever", "report", "vqa", "preference", "retrieval", "conversation"]
+KINDS: tuple[str, ...] = ("retriever", "report", "vqa", "preference", "retrieval", "conversation")
 IMAGE_TOKEN = "<image>"
 # A single record larger than this is almost certainly a broken file (a missing newline, a binary blob), and
 # reading it whole could exhaust memory.
@@ -389,6 +389,59 @@ _PREFERENCE_FIELDS = ("id", "image", "conversations", "rejected_conversations", 
 
 
 @dataclass
+class ConversationRecord:
+    """A LLaVA-style instruction sample (LLaVA-Med instruct, SFT data): images and a human/gpt conversation.
+
+    ``image`` is one path or a list of paths; the human turns carry exactly one ``<image>`` marker per image.
+    """
+
+    id: str | int
+    images: list[str]
+    conversations: list[Turn]
+    image_is_list: bool = False
+    extra: dict = field(default_factory=dict)
+    key_order: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    unique_key: ClassVar[str | None] = None  # instruction sets reuse ids (one per image, several questions)
+
+    @property
+    def key(self) -> None:
+        return None
+
+    @property
+    def image_paths(self) -> list[str]:
+        return self.images
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ConversationRecord:
+        value = _require(raw, "image")
+        if isinstance(value, list):
+            if not value or not all(isinstance(item, str) and item.strip() for item in value):
+                raise _FieldProblem("image", f"expected a non-empty list of image paths, got {value!r}")
+            images, is_list = list(value), True
+        else:
+            images, is_list = [_string(raw, "image")], False
+        turns = _conversation(raw, "conversations")
+        markers = sum(turn.value.count(IMAGE_TOKEN) for turn in turns if turn.speaker == "human")
+        if markers != len(images):
+            raise _FieldProblem(
+                "conversations",
+                f"the human turns hold {markers} {IMAGE_TOKEN} marker(s) for {len(images)} image(s): one per image",
+            )
+        extra = {k: v for k, v in raw.items() if k not in ("id", "image", "conversations")}
+        return cls(_identifier(raw, "id"), images, turns, is_list, extra, tuple(raw))
+
+    def to_dict(self) -> dict:
+        values = {
+            "id": self.id,
+            "image": list(self.images) if self.image_is_list else self.images[0],
+            "conversations": [turn.to_dict() for turn in self.conversations],
+            **self.extra,
+        }
+        return _ordered(values, self.key_order or ("id", "image", "conversations"))
+
+
+@dataclass
 class RetrievalRecord:
     """The output of batch retrieval: the input record unchanged, plus the reports retrieved for it.
 
@@ -440,13 +493,14 @@ class RetrievalRecord:
         }
 
 
-Record = ImageReportRecord | VQARecord | PreferenceRecord | RetrievalRecord
+Record = ImageReportRecord | VQARecord | PreferenceRecord | RetrievalRecord | ConversationRecord
 RECORD_TYPES: dict[str, Callable[[dict], Record]] = {
     "retriever": ImageReportRecord.from_dict,
     "report": ImageReportRecord.from_dict,
     "vqa": VQARecord.from_dict,
     "preference": PreferenceRecord.from_dict,
     "retrieval": RetrievalRecord.from_dict,
+    "conversation": ConversationRecord.from_dict,
 }
 DEFAULT_CONTAINER: dict[str, Literal["json", "jsonl"]] = {
     "retriever": "json",
@@ -454,6 +508,7 @@ DEFAULT_CONTAINER: dict[str, Literal["json", "jsonl"]] = {
     "vqa": "jsonl",
     "preference": "json",
     "retrieval": "jsonl",
+    "conversation": "json",
 }
 
 
@@ -461,8 +516,10 @@ def detect_kind(raw: dict) -> RecordKind:
     """Guess a record's format from its fields (``report`` and ``retriever`` look alike; ``retriever`` wins)."""
     if "reference_reports" in raw or "retrieve_k" in raw:
         return "retrieval"
-    if "conversations" in raw or "rejected_conversations" in raw:
+    if "rejected_conversations" in raw:
         return "preference"
+    if "conversations" in raw:
+        return "conversation"
     if "question_id" in raw or "question" in raw:
         return "vqa"
     return "retriever"
@@ -724,6 +781,11 @@ def read_report_test(path: str | Path, **options: Any) -> ReadResult:
 def read_vqa(path: str | Path, **options: Any) -> ReadResult:
     """VQA test set: JSON Lines of ``{"question_id", "question", "answer", "image", "report"[, "text"]}``."""
     return read_records(path, "vqa", **options)
+
+
+def read_conversations(path: str | Path, **options: Any) -> ReadResult:
+    """Instruction samples (SFT): JSON list of ``{"id", "image" (path or list), "conversations"}``."""
+    return read_records(path, "conversation", **options)
 
 
 def read_preference(path: str | Path, **options: Any) -> ReadResult:

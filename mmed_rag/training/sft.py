@@ -1,0 +1,447 @@
+"""Supervised fine-tuning of an image-text-to-text model on LLaVA-style conversations, in stages.
+
+Data: the LLaVA / LLaVA-Med instruct format (:class:`~mmed_rag.data.records.ConversationRecord`): ``id``,
+``image`` (a path or a list of paths, under ``image_folder``) and ``conversations``, whose human turns carry one
+``<image>`` marker per image, where the image goes. Each gpt turn becomes one training row: the conversation up
+to it is the prompt, the turn is the completion, and only the completion's tokens carry a loss (trl's
+``completion_only_loss``; prompt and padding tokens have label -100). A k-turn conversation trains all k answers,
+each once, as LLaVA does, at the cost of encoding its prompt k times.
+
+Training is trl's :class:`~trl.SFTTrainer` (not forked): its vision prompt-completion collator, subclassed only to
+open images from paths batch by batch. What trains is chosen per stage:
+
+- ``projector``: the multimodal projector only (LLaVA's feature-alignment stage);
+- ``language_model``: projector + language model, vision tower frozen (LLaVA's instruction-tuning stage);
+- ``full``: every weight;
+- ``lora``: LoRA on the language model's linear layers, the projector as a trained copy; the stage publishes the
+  adapter, and the next stage starts from base + adapter merged.
+
+A run is a list of stages (``stages`` in the YAML, each with its data files, their mix, epochs or steps, learning
+rate and what trains), each starting from the previous stage's weights; without ``stages`` the top-level options
+are the one stage. Stages resume, skip when finished and publish whole (:mod:`mmed_rag.training.stages`)::
+
+    output_dir/<stage>/              the model (or adapter) + processor + stage.json + curves.png
+    output_dir/checkpoints/<stage>/  checkpoint-* of a running stage
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from trl import SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from mmed_rag.config import ConfigError, config_from_dict, save_config
+from mmed_rag.data.images import ImagePathError, open_image, resolve_image_path
+from mmed_rag.data.records import IMAGE_TOKEN, ConversationRecord, RecordError, read_conversations
+from mmed_rag.divergence import StopOnDivergence
+from mmed_rag.errors import MMedRAGError
+from mmed_rag.fingerprint import file_sha256, path_fingerprint
+from mmed_rag.outputs import claim_outputs
+from mmed_rag.training.stages import finished_summary, last_checkpoint, plot_loss, publish_stage, record_identity
+
+logger = logging.getLogger(__name__)
+
+Trainable = Literal["projector", "language_model", "full", "lora"]
+PROJECTOR = "multi_modal_projector"
+VISION_TOWER = "vision_tower"
+LM_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+MODEL_WEIGHTS = "model.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class SFTError(MMedRAGError):
+    """SFT data or settings that cannot train: no rows, a stage without data, an unknown base model."""
+
+
+@dataclass
+class SFTStage:
+    """One stage: its data (and their mix), how long, how fast, and what trains."""
+
+    name: str = field(default="sft", metadata={"help": "stage name: its directory under output_dir"})
+    data: tuple[str, ...] = field(default=(), metadata={"help": "conversation JSON files (LLaVA instruct format)"})
+    mix: tuple[float, ...] = field(
+        default=(), metadata={"help": "per data file: share of its records per epoch (2.0 = twice; default 1.0 each)"}
+    )
+    epochs: float = field(default=1.0, metadata={"help": "passes over the mixed data"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps (overrides epochs when > 0)"})
+    learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate (cosine schedule)"})
+    trainable: Trainable = field(default="language_model", metadata={"help": "projector, language_model, full, lora"})
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.name):
+            raise ConfigError(f"stage name {self.name!r}: expected a plain directory name (letters, digits, _.-)")
+        if self.mix and len(self.mix) != len(self.data):
+            raise ConfigError(f"stage {self.name}: {len(self.mix)} mix weight(s) for {len(self.data)} data file(s)")
+        if any(weight <= 0 for weight in self.mix):
+            raise ConfigError(f"stage {self.name}: mix weights must be positive, got {list(self.mix)}")
+        if self.max_steps <= 0 and not self.epochs > 0:
+            raise ConfigError(f"stage {self.name}: give epochs > 0 or max_steps > 0")
+
+
+@dataclass
+class SFTConfig(SFTStage):
+    """``mmed-rag train-sft``: the base model, the stages (or the one stage of the options above), the trainer."""
+
+    model: str = field(default="", metadata={"help": "base model directory (image-text-to-text + processor)"})
+    image_folder: str = field(default="", metadata={"help": "directory the data's image paths are relative to"})
+    output_dir: str = field(default="", metadata={"help": "directory for the stages and their checkpoints"})
+    stages: tuple[dict, ...] = field(
+        default=(), metadata={"help": "YAML only: a list of stages (SFTStage fields), run in order"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "samples per device step"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "steps per optimizer update"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "share of the steps spent warming up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_length: int = field(default=2048, metadata={"help": "longest row in tokens; a longer one is an error"})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank (trainable: lora)"})
+    lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha (trainable: lora)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (trainable: lora)"})
+    seed: int = field(default=0, metadata={"help": "seeds the mix, the data order and the init of new weights"})
+    save_steps: int = field(default=100, metadata={"help": "checkpoint every N optimizer steps (resume point)"})
+    logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
+    bf16: bool = field(default=False, metadata={"help": "train in bfloat16 (GPU)"})
+    report_to: str = field(default="none", metadata={"help": "'none', 'tensorboard', 'wandb'"})
+    workers: int = field(default=0, metadata={"help": "data loader worker processes"})
+    on_error: Literal["raise", "skip"] = field(
+        default="raise", metadata={"help": "a bad record: stop, or report and leave it out"}
+    )
+    plot: bool = field(default=True, metadata={"help": "write curves.png for each stage"})
+
+    def __post_init__(self) -> None:
+        if self.stages:
+            self.plan()  # every stage is checked with the config, before any model loads
+        elif self.data:
+            super().__post_init__()
+
+    def plan(self) -> list[SFTStage]:
+        """The stages to run, in order: ``stages``, else the one stage given by the top-level options."""
+        if not self.stages:
+            own = {f.name: getattr(self, f.name) for f in dataclasses.fields(SFTStage)}
+            return [SFTStage(**own)]
+        plans = [config_from_dict(SFTStage, raw, f"stages[{index}]") for index, raw in enumerate(self.stages)]
+        names = [plan.name for plan in plans]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stages: names must differ, got {names}")
+        return plans
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+
+
+def _content(text: str) -> list[dict[str, str]]:
+    """A human turn as structured content: its text with an image block where each ``<image>`` marker was."""
+    blocks: list[dict[str, str]] = []
+    for index, piece in enumerate(text.split(IMAGE_TOKEN)):
+        if index:
+            blocks.append({"type": "image"})
+        piece = piece.strip()
+        if piece:
+            blocks.append({"type": "text", "text": piece})
+    return blocks
+
+
+def conversation_rows(record: ConversationRecord, images: list[str]) -> list[dict[str, Any]]:
+    """One prompt-completion row per gpt turn (trl's conversational format, images where the markers are)."""
+    rows, messages = [], []
+    for turn in record.conversations:
+        if turn.speaker == "human":
+            messages.append({"role": "user", "content": _content(turn.value)})
+            continue
+        rows.append(
+            {
+                "prompt": [dict(message) for message in messages],
+                "completion": [{"role": "assistant", "content": [{"type": "text", "text": turn.value}]}],
+                "images": list(images),
+                "id": str(record.id),
+            }
+        )
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.value}]})
+    return rows
+
+
+def mixed(groups: list[list[dict]], mix: tuple[float, ...], seed: int) -> list[dict]:
+    """Each file's rows ``weight`` times (whole copies, then a seeded sample of the rest), shuffled together."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    for group, weight in zip(groups, mix or (1.0,) * len(groups), strict=True):
+        copies, rest = int(weight), weight - int(weight)
+        rows += group * copies + rng.sample(group, round(rest * len(group)))
+    rng.shuffle(rows)
+    return rows
+
+
+def load_rows(stage: SFTStage, image_folder: str, on_error: str, seed: int) -> tuple[list[dict], list[str]]:
+    """The stage's training rows, and one message per record left out (``on_error="skip"``)."""
+    groups, skipped = [], []
+    for path in stage.data:
+        result = read_conversations(path, on_error=on_error)
+        skipped += [str(error) for error in result.errors]
+        rows = []
+        for record, position in zip(result.records, result.positions, strict=True):
+            try:
+                images = [str(resolve_image_path(image_folder, image)) for image in record.image_paths]
+                missing = [image for image in images if not Path(image).is_file()]
+                if missing:
+                    raise ImagePathError(f"image not found: {missing[0]}")
+            except ImagePathError as error:
+                problem = RecordError(path, position, "image", str(error))
+                if on_error == "raise":
+                    raise problem from None
+                skipped.append(str(problem))
+                continue
+            rows += conversation_rows(record, images)
+        groups.append(rows)
+    for message in skipped:
+        logger.warning("skipping %s", message)
+    rows = mixed(groups, stage.mix, seed)
+    if not rows:
+        raise SFTError(f"stage {stage.name}: no training row in {', '.join(stage.data)}")
+    return rows, skipped
+
+
+class PathImageCollator(DataCollatorForVisionLanguageModeling):
+    """trl's vision collator, opening each batch's images from their paths (never all in memory)."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        examples = [{**example, "images": [open_image(path) for path in example["images"]]} for example in examples]
+        return super().torch_call(examples)
+
+
+class MMedRAGSFTTrainer(SFTTrainer):
+    """trl's SFTTrainer, resuming a full-model stage with the weights of its checkpoint.
+
+    transformers' Trainer reloads a full-model checkpoint by raw state-dict keys, but ``save_pretrained`` wrote
+    the model's saved layout (LLaVA: ``language_model.model.*``), so every key misses, only a warning is logged,
+    and a resumed stage trains on from the starting weights. Here the checkpoint is read as ``from_pretrained``
+    reads it (with the model's key mapping) and loaded strictly. Adapters (peft) and DeepSpeed keep their own
+    loading.
+    """
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from peft import PeftModel
+
+        target = self.model if model is None else model
+        target = self.accelerator.unwrap_model(target)
+        if isinstance(target, PeftModel) or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(target).from_pretrained(resume_from_checkpoint, dtype=next(target.parameters()).dtype)
+        target.load_state_dict(saved.state_dict(), strict=True)
+        return None
+
+
+# -- models ----------------------------------------------------------------------------------------------------
+
+
+def load_stage_model(source: Path, dtype: torch.dtype):
+    """The weights a stage starts from: a model directory, or a LoRA stage's adapter merged into its base."""
+    from transformers import AutoModelForImageTextToText
+
+    from mmed_rag.adapters import load_lora
+
+    adapter_config = source / "adapter_config.json"
+    if adapter_config.is_file():
+        import json
+
+        base = json.loads(adapter_config.read_text(encoding="utf-8"))["base_model_name_or_path"]
+        model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype)
+        return load_lora(model, source).merge_and_unload()
+    if not (source / "config.json").is_file():
+        raise SFTError(f"{source} is not a model directory (no config.json) nor a LoRA stage")
+    return AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+
+
+def set_trainable(model, trainable: Trainable) -> None:
+    """Freeze what this stage does not train (``lora`` is set up by peft instead)."""
+    for name, parameter in model.named_parameters():
+        if trainable == "full":
+            parameter.requires_grad_(True)
+        elif trainable == "projector":
+            parameter.requires_grad_(PROJECTOR in name)
+        elif trainable == "language_model":
+            parameter.requires_grad_(VISION_TOWER not in name)
+    if trainable != "lora" and not any(parameter.requires_grad for parameter in model.parameters()):
+        raise SFTError(f"trainable {trainable!r} selects no parameter of {type(model).__name__}")
+
+
+def _lora_config(config: SFTConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=LM_LINEAR,
+        modules_to_save=[PROJECTOR],
+        task_type="CAUSAL_LM",
+    )
+
+
+# -- stages ----------------------------------------------------------------------------------------------------
+
+
+def _identity(config: SFTConfig, stage: SFTStage, source: Path) -> dict[str, Any]:
+    return {
+        "stage": stage.name,
+        "starts_from": path_fingerprint(source),
+        "data_sha256": [file_sha256(path) for path in stage.data],
+        "mix": list(stage.mix),
+        "epochs": stage.epochs,
+        "max_steps": stage.max_steps,
+        "learning_rate": stage.learning_rate,
+        "trainable": stage.trainable,
+        **{
+            name: getattr(config, name)
+            for name in ("batch_size", "gradient_accumulation_steps", "max_length", "seed", "bf16")
+        },
+        **({"lora": [config.lora_r, config.lora_alpha, config.lora_dropout]} if stage.trainable == "lora" else {}),
+    }
+
+
+def _trainer_args(config: SFTConfig, stage: SFTStage, checkpoints: Path):
+    from trl import SFTConfig as TrlSFTConfig
+
+    return TrlSFTConfig(
+        output_dir=str(checkpoints),
+        num_train_epochs=stage.epochs,
+        max_steps=stage.max_steps,
+        learning_rate=stage.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_length=config.max_length,
+        completion_only_loss=True,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=config.bf16,
+        gradient_checkpointing=False,
+        report_to=[] if config.report_to in ("", "none") else config.report_to.split(","),
+        dataloader_num_workers=config.workers,
+        run_name=f"{Path(config.output_dir).name}-{stage.name}",
+    )
+
+
+def train_stage(config: SFTConfig, stage: SFTStage, source: Path, processor) -> tuple[Path, dict[str, Any]]:
+    """Train one stage from ``source`` (or resume it, or skip it when finished); its directory and summary."""
+    from datasets import Dataset
+
+    output_dir = Path(config.output_dir)
+    final, checkpoints = output_dir / stage.name, output_dir / "checkpoints" / stage.name
+    identity = _identity(config, stage, source)
+    weights = ADAPTER_WEIGHTS if stage.trainable == "lora" else MODEL_WEIGHTS
+    finished = finished_summary(final, identity, weights)
+    if finished is not None:
+        logger.info("SFT stage %s is finished (%s): skipped.", stage.name, final)
+        return final, finished
+    rows, skipped = load_rows(stage, config.image_folder, config.on_error, config.seed)
+    resume = last_checkpoint(checkpoints, identity)
+    args = _trainer_args(config, stage, checkpoints)
+    model = load_stage_model(source, torch.bfloat16 if config.bf16 else torch.float32)
+    if stage.trainable != "lora":
+        set_trainable(model, stage.trainable)
+    trainer = MMedRAGSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=processor,
+        data_collator=PathImageCollator(processor=processor, max_length=None, completion_only_loss=True),
+        peft_config=_lora_config(config) if stage.trainable == "lora" else None,
+        callbacks=[StopOnDivergence(f"train-sft stage {stage.name}")],
+    )
+    _check_lengths(trainer, rows, config.max_length)
+    trainable = sum(parameter.numel() for parameter in trainer.model.parameters() if parameter.requires_grad)
+    logger.info(
+        "SFT stage %s: %d rows (%d records left out), %s trainable parameters (%s), learning rate %g.",
+        stage.name,
+        len(rows),
+        len(skipped),
+        f"{trainable:,}",
+        stage.trainable,
+        stage.learning_rate,
+    )
+    if args.should_save:
+        record_identity(checkpoints, identity)
+    result = trainer.train(resume_from_checkpoint=resume)
+    summary = {
+        "stage": stage.name,
+        "starts_from": str(source),
+        "data": list(stage.data),
+        "rows": len(rows),
+        "skipped": skipped,
+        "trainable": stage.trainable,
+        "global_step": trainer.state.global_step,
+        "resumed_from": resume,
+        "train_metrics": result.metrics,
+        "identity": identity,
+    }
+    title = f"SFT stage {stage.name}: {', '.join(Path(path).name for path in stage.data)}"
+    plot = (lambda history, path: plot_loss(history, path, title)) if config.plot else None
+    publish_stage(trainer, final, summary, plot)
+    logger.info("SFT stage %s done: %s (%d steps).", stage.name, final, trainer.state.global_step)
+    del trainer, model
+    gc.collect()
+    return final, summary
+
+
+def _check_lengths(trainer, rows: list[dict], max_length: int) -> None:
+    """Refuse a row longer than ``max_length``: cutting it would drop its answer, and trl would not say."""
+    collator = trainer.data_collator
+    for start in range(0, len(rows), 64):
+        batch = collator.torch_call([dict(row) for row in rows[start : start + 64]])
+        lengths = batch["attention_mask"].sum(dim=1)
+        if int(lengths.max()) > max_length:
+            row = rows[start + int(lengths.argmax())]
+            raise SFTError(
+                f"record {row['id']!r}: {int(lengths.max())} tokens, over max_length {max_length}; "
+                "raise max_length or shorten it (a cut row would lose its answer)"
+            )
+
+
+def train_sft(config: SFTConfig) -> dict[str, Any]:
+    """Run the stages of ``config`` in order, each from the previous stage's weights; rerunning resumes.
+
+    Returns ``{"stages": {name: directory}, "final": directory, "summaries": {name: stage.json}}``.
+    """
+    stages = config.plan()
+    for stage in stages:
+        if not stage.data:
+            raise ConfigError(f"stage {stage.name}: give data (conversation JSON files)")
+    for name in ("model", "image_folder", "output_dir"):
+        if not getattr(config, name):
+            raise ConfigError(f"{name} is required (see `mmed-rag train-sft --help`)")
+    for stage in stages:
+        for path in stage.data:
+            if not Path(path).is_file():
+                raise SFTError(f"{path}: data file of stage {stage.name} not found")
+    inputs = [config.model, config.image_folder, *(path for stage in stages for path in stage.data)]
+    with claim_outputs("train-sft", directories=[config.output_dir], inputs=inputs):
+        return _train_sft(config, stages)
+
+
+def _train_sft(config: SFTConfig, stages: list[SFTStage]) -> dict[str, Any]:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(config.model)
+    source, result = Path(config.model), {"stages": {}, "summaries": {}}
+    for stage in stages:
+        directory, summary = train_stage(config, stage, source, processor)
+        result["stages"][stage.name], result["summaries"][stage.name] = directory, summary
+        source = directory
+    save_config(config, config.output_dir, name="sft_config.yaml")  # the run's record, once it produced something
+    result["final"] = source
+    return result
