@@ -218,3 +218,10 @@ def test_stage_settings_are_checked_before_any_model_loads(world, tmp_path, caps
     preset.write_text(yaml.safe_dump({"stages": [{"name": "a", "data": ["x.json", "y.json"], "mix": [1.0]}]}))
     assert main(["train-sft", "--config", str(preset)]) == 2
     assert "1 mix weight(s) for 2 data file(s)" in capsys.readouterr().err
+
+
+def test_one_stage_options_and_a_stage_list_are_not_mixed():
+    from mmed_rag.config import ConfigError
+
+    with pytest.raises(ConfigError, match="either stages"):
+        SFTConfig(data=("a.json",), stages=({"name": "a", "data": ["b.json"]},))

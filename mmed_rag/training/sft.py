@@ -117,6 +117,8 @@ class SFTConfig(SFTStage):
     plot: bool = field(default=True, metadata={"help": "write curves.png for each stage"})
 
     def __post_init__(self) -> None:
+        if self.stages and self.data:
+            raise ConfigError("give either stages (a list) or the one stage's data, not both")
         if self.stages:
             self.plan()  # every stage is checked with the config, before any model loads
         elif self.data:
