@@ -13,6 +13,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 
 from mmed_rag.config import add_config_arguments, config_from_args
 from mmed_rag.errors import EXIT_BAD_INPUT, MMedRAGError
@@ -113,7 +114,10 @@ def _run_eval_retrieval(config) -> int:
     from mmed_rag.retrieval.evaluate import eval_retrieval
 
     scores = eval_retrieval(config)
-    print(f"{scores.queries} queries against {scores.index_size} reports:")
+    print(
+        f"{scores.queries} queries against {scores.index_size} reports; {scores.answerable} have their ground "
+        "truth in the index (recall is over these):"
+    )
     for k, value in scores.recall.items():
         print(f"  recall@{k}: {value:.3f} (chance {scores.chance[k]:.3f})")
     print(f"metrics and similarity.png in {config.out}")
@@ -358,6 +362,7 @@ PASSTHROUGH = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmed-rag", description="MMed-RAG: multimodal RAG for medical VLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"mmed-rag {metadata.version('mmed-rag')}")
     subparsers = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage in STAGES:
         sub = subparsers.add_parser(stage.name, help=stage.help, description=stage.help)

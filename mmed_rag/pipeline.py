@@ -217,7 +217,10 @@ class MMedRAG:
             return prediction.best_guess, targets
         modality = record.extra.get("modality") if record is not None and hasattr(record, "extra") else None
         if modality is None:
-            raise PipelineError("no modality: set --modality, a --domain-classifier, or give records a 'modality'")
+            raise PipelineError(
+                "no modality: give one (modality= in Python, --modality on the command line), a domain classifier "
+                "(domain_classifier= / --domain-classifier), or records with a 'modality' field"
+            )
         return modality, [modality]
 
     def prepare(self, image: Image.Image, question: str | None, modality: str, key: object = None, sources=None):

@@ -104,3 +104,9 @@ def test_train_dpo_passes_its_options_to_hf_argument_parsing(capsys):
         main(["train-dpo", "--help"])
     assert exit_info.value.code == 0
     assert "--stage2_data_path" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == "mmed-rag 0.1.0"

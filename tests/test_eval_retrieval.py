@@ -74,4 +74,26 @@ def test_cli_writes_metrics_and_plot(setup, tmp_path, capsys):
     assert metrics["chance"]["5"] == pytest.approx(5 / metrics["index_size"])
     with Image.open(out / "similarity.png") as plot:
         assert plot.size == (600, 350)
-    assert "recall@5" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "recall@5" in out and "42 have their ground truth in the index" in out
+    assert metrics["queries_with_ground_truth_in_index"] == 42
+
+
+def test_queries_whose_ground_truth_is_not_indexed_are_set_apart_or_refused(setup, tmp_path, capsys):
+    from mmed_rag.retrieval.evaluate import GroundTruthAbsentError
+
+    index = setup["index"]
+    reports = [entry.report for entry in index.entries]
+    queries = encode_texts(setup["model"], setup["tokenizer"], reports[:4] + ["A report no corpus holds."] * 2)
+    truths = [(text, None) for text in reports[:4]] + [("A report no corpus holds.", None)] * 2
+    scores = score_retrieval(index, queries, truths, ks=(1,))
+    assert (scores.queries, scores.answerable) == (6, 4) and scores.recall == {1: 1.0}  # not 4/6
+    with pytest.raises(GroundTruthAbsentError, match="none of the 2 queries' ground-truth reports is in the index"):
+        score_retrieval(index, queries[4:], truths[4:], ks=(1,))
+    # The phantom test reports never occur in the training corpus: a clear error, not recall 0 beside chance.
+    root = setup["root"]
+    argv = ["eval-retrieval", "--eval-json", str(root / "data/test/report/radiology_test.json")]
+    argv += ["--img-root", str(root / "data/images"), "--out", str(tmp_path / "ev"), "--model-name-or-path"]
+    argv += [str(root / "clip"), "--train-json", str(setup["corpus"])]
+    assert main(argv) == 2
+    assert "recall cannot be measured" in capsys.readouterr().err and not (tmp_path / "ev/metrics.json").exists()

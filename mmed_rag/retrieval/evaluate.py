@@ -20,6 +20,7 @@ from mmed_rag.atomic import atomic_path, atomic_write_text
 from mmed_rag.config import ConfigError, save_config
 from mmed_rag.data.records import read_records
 from mmed_rag.device import resolve_device
+from mmed_rag.errors import MMedRAGError
 from mmed_rag.fingerprint import file_sha256
 from mmed_rag.outputs import claim_outputs
 from mmed_rag.retrieval.batch import INDEX_CACHE_DIR, cached_index, load_retriever
@@ -51,11 +52,16 @@ class EvalRetrievalConfig:
             raise ConfigError(f"ks: expected positive cut-offs, got {self.ks}")
 
 
+class GroundTruthAbsentError(MMedRAGError):
+    """No query's ground-truth report is in the index: recall cannot be measured."""
+
+
 @dataclass
 class RetrievalScores:
-    recall: dict[int, float]  # k -> share of queries whose ground truth is in the top k
+    recall: dict[int, float]  # k -> share of the answerable queries whose ground truth is in the top k
     chance: dict[int, float]  # k -> what random ranking would give
     queries: int
+    answerable: int  # queries whose ground truth is in the index at all (recall is over these)
     index_size: int
     hit_scores: list[float]  # similarity of the ground truth, where it was retrieved
     miss_scores: list[float]  # similarity of the other retrieved candidates
@@ -73,13 +79,34 @@ def _hit_matrix(index: ReportIndex, rows: np.ndarray, truths: list[tuple[str, ob
     ).reshape(rows.shape)
 
 
+def in_index(index: ReportIndex, truths: list[tuple[str, object]]) -> np.ndarray:
+    """Per query: whether its ground truth is in the index at all (by text, or by record id when given)."""
+    texts = {entry.report for entry in index.entries}
+    ids = {key for entry in index.entries for key in entry.ids}
+    return np.array([text in texts or (key is not None and key in ids) for text, key in truths], dtype=bool)
+
+
 def score_retrieval(index: ReportIndex, queries: np.ndarray, truths: list[tuple[str, object]], ks) -> RetrievalScores:
-    """Recall@k of encoded ``queries`` whose ground truths are ``(report text, record id)`` pairs."""
-    scores, rows = index.search(queries, max(ks))
-    hits = _hit_matrix(index, rows, truths)
-    recall = {k: float(hits[:, :k].any(axis=1).mean()) if len(hits) else 0.0 for k in ks}
+    """Recall@k of encoded ``queries`` whose ground truths are ``(report text, record id)`` pairs.
+
+    A query whose ground truth is not in the index can never retrieve it: counting it as a miss would report a
+    retriever's recall as 0 when the corpus, not the retriever, is at fault. Recall is over the queries whose
+    ground truth is indexed (``answerable``); when there is none, :class:`GroundTruthAbsentError`.
+    """
+    answerable = in_index(index, truths)
+    if not answerable.any():
+        raise GroundTruthAbsentError(
+            f"none of the {len(truths)} queries' ground-truth reports is in the index ({index.size} reports), so "
+            "recall cannot be measured: evaluate records whose reports were indexed (e.g. the corpus itself), or "
+            "index a corpus that holds the test reports"
+        )
+    scores, rows = index.search(queries[answerable], max(ks))
+    hits = _hit_matrix(index, rows, [truth for truth, kept in zip(truths, answerable, strict=True) if kept])
+    recall = {k: float(hits[:, :k].any(axis=1).mean()) for k in ks}
     chance = {k: min(1.0, k / index.size) for k in ks}
-    return RetrievalScores(recall, chance, len(queries), index.size, scores[hits].tolist(), scores[~hits].tolist())
+    return RetrievalScores(
+        recall, chance, len(truths), int(answerable.sum()), index.size, scores[hits].tolist(), scores[~hits].tolist()
+    )
 
 
 def _plot(scores: RetrievalScores, out_png: Path) -> None:
@@ -91,12 +118,16 @@ def _plot(scores: RetrievalScores, out_png: Path) -> None:
     axis = figure.subplots()
     values = scores.hit_scores + scores.miss_scores
     bins = np.linspace(min(values), max(values), 40) if values else 10
-    axis.hist(scores.miss_scores, bins=bins, alpha=0.6, density=True, label="other retrieved reports")
-    axis.hist(scores.hit_scores, bins=bins, alpha=0.6, density=True, label="ground-truth report")
+    for sample, label in ((scores.miss_scores, "other retrieved reports"), (scores.hit_scores, "ground-truth report")):
+        if sample:  # an empty sample has no density (and no legend entry)
+            axis.hist(sample, bins=bins, alpha=0.6, density=True, label=label)
+    if not scores.hit_scores:
+        axis.text(0.5, 0.9, "no ground-truth report was retrieved", transform=axis.transAxes, ha="center", fontsize=8)
     axis.set_xlabel("cosine similarity (image, report)")
     axis.set_ylabel("density")
     recall = ", ".join(f"R@{k} {value:.2f}" for k, value in scores.recall.items())
-    axis.set_title(f"{scores.queries} queries, {scores.index_size} reports: {recall}", fontsize=9)
+    title = f"{scores.answerable} of {scores.queries} queries answerable, {scores.index_size} reports: {recall}"
+    axis.set_title(title, fontsize=9)
     axis.legend(fontsize=8)
     figure.tight_layout()
     with atomic_path(out_png) as tmp:
@@ -134,7 +165,20 @@ def _eval_retrieval(config: EvalRetrievalConfig) -> RetrievalScores:
     truths = [(record.report, record.key if same_file else None) for record in records]
     scores = score_retrieval(index, queries, truths, config.ks)
     save_config(config, out)
-    metrics = {"recall": scores.recall, "chance": scores.chance, "queries": scores.queries, "index_size": index.size}
+    if scores.answerable < scores.queries:
+        logger.warning(
+            "%d of %d queries have no ground truth in the index: recall is over the other %d",
+            scores.queries - scores.answerable,
+            scores.queries,
+            scores.answerable,
+        )
+    metrics = {
+        "recall": scores.recall,
+        "chance": scores.chance,
+        "queries": scores.queries,
+        "queries_with_ground_truth_in_index": scores.answerable,
+        "index_size": index.size,
+    }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     _plot(scores, out / "similarity.png")
     logger.info("Recall %s (chance %s) over %d queries", scores.recall, scores.chance, scores.queries)
