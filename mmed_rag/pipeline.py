@@ -99,7 +99,11 @@ class PipelineConfig:
         default="raise", metadata={"help": "a record that cannot be answered: stop, or report and leave it out"}
     )
     fresh: bool = field(
-        default=False, metadata={"help": "discard the results of an interrupted earlier run instead of resuming it"}
+        default=False,
+        metadata={
+            "help": "start over: drop an interrupted run's results instead of resuming, or replace a finished output",
+            "aliases": ["--overwrite"],
+        },
     )
 
     def __post_init__(self) -> None:

@@ -11,7 +11,8 @@ first image) leaves nothing behind. Only one run may write an output at a time: 
 A rerun resumes only the run that made the partial file. Beside it, ``OUTPUT.partial.identity.json`` records
 what decides the results (the input's sha256, fingerprints of the model, adapter, retriever and index, and the
 options that change answers); a rerun whose identity differs is refused with the differences named, instead of
-splicing two runs into one output. ``fresh=True`` (``--fresh``) discards the partial file and starts over.
+splicing two runs into one output. A finished output is not silently written again either. ``fresh=True``
+(``--fresh``, ``--overwrite``) discards the partial file, or replaces the finished output, and starts over.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ class ResumableOutput:
             self.identity_path.unlink(missing_ok=True)
         elif self.partial.exists():
             self._check_identity()
+        elif self.output.exists():
+            raise ResumeError(
+                f"{self.output} exists and is complete (an earlier run finished it): pass --fresh (or --overwrite) "
+                "to write it again, or choose another output"
+            )
         self.done = completed_keys(self.partial)
         self._sink: IO[str] | None = None
 

@@ -336,3 +336,13 @@ def test_an_unwritable_output_folder_is_found_before_encoding(world, tmp_path, c
     argv = ["build-index", "--retriever", str(world.clip), "--corpus", str(world.corpus), "--modality", "radiology"]
     assert main([*argv, "--out", str(tmp_path / "file/index")]) == 2
     assert "cannot create the folder of the output" in one_error_line(capsys.readouterr().err, "build-index")
+
+
+def test_a_finished_output_is_not_silently_written_again(world, tmp_path, capsys):
+    output = tmp_path / "out.jsonl"
+    assert main(generate_argv(world, world.vqa, output)) == 0
+    first = output.read_bytes()
+    assert main(generate_argv(world, world.vqa, output)) == 2
+    assert "exists and is complete" in one_error_line(capsys.readouterr().err, "generate")
+    assert output.read_bytes() == first
+    assert main(generate_argv(world, world.vqa, output, "--overwrite")) == 0

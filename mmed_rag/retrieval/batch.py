@@ -83,7 +83,11 @@ class RetrieveConfig:
         default="raise", metadata={"help": "a record with a bad image: stop (raise) or report and leave it out (skip)"}
     )
     fresh: bool = field(
-        default=False, metadata={"help": "discard the results of an interrupted earlier run instead of resuming it"}
+        default=False,
+        metadata={
+            "help": "start over: drop an interrupted run's results instead of resuming, or replace a finished output",
+            "aliases": ["--overwrite"],
+        },
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
 
