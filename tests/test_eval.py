@@ -201,3 +201,19 @@ def test_released_reports_scored_against_themselves(release_dir, tmp_path):
     assert overall["ROUGE-L"] == 1.0 and overall["METEOR"] == 1.0 and overall["CIDEr"] == pytest.approx(10.0)
     assert overall["clinical_f1"]["micro"]["f1"] == 1.0
     assert (tmp_path / "e/report_metrics.png").stat().st_size > 0
+
+
+def test_runs_of_one_test_set_given_together_are_flagged(predictions, tmp_path):
+    chest, _ = predictions
+    rerun = write_jsonl(tmp_path / "chest_again.jsonl", [json.loads(line) for line in chest.read_text().splitlines()])
+    tissue = write_jsonl(  # another test set that reuses ids 1 and 2 (and even their answers): not flagged
+        tmp_path / "tissue.jsonl",
+        [
+            vqa_row(1, "Yes.", "yes", "pathology", image="tissue/1.png"),
+            vqa_row(2, "No", "no", "pathology", image="tissue/2.png"),
+        ],
+    )
+    result = evaluate(EvalConfig(task="vqa", pred=(str(chest), str(tissue), str(rerun)), out=str(tmp_path / "e")))
+    note = (result.out / "metrics.md").read_text().split("\n")[-2]
+    assert note.startswith("Several prediction files answer the same questions (chest and chest_again: 4)")
+    assert "tissue" not in note

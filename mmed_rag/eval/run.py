@@ -348,12 +348,37 @@ def evaluate(config: EvalConfig) -> EvalResult:
         return _evaluate(config)
 
 
+def shared_ids(examples: ExampleSet) -> str | None:
+    """A warning when several prediction files answer the same questions (runs of one test set, not several sets).
+
+    A question is its id, images and gold answer: test sets that merely reuse ids (0, 1, 2, ...) do not count.
+    """
+    ids_by_dataset: dict[str, set] = {}
+    for example in examples:
+        ids_by_dataset.setdefault(example.dataset, set()).add((example.key, tuple(example.images), example.gold))
+    datasets = list(ids_by_dataset)
+    pairs = [
+        (first, second, len(ids_by_dataset[first] & ids_by_dataset[second]))
+        for position, first in enumerate(datasets)
+        for second in datasets[position + 1 :]
+    ]
+    shared = [(first, second, count) for first, second, count in pairs if count]
+    if not shared:
+        return None
+    listed = "; ".join(f"{first} and {second}: {count}" for first, second, count in shared[:3])
+    return (
+        f"Several prediction files answer the same questions ({listed}): the overall row pools them as different "
+        "questions. If they are runs of one test set, evaluate each run on its own."
+    )
+
+
 def _evaluate(config: EvalConfig) -> EvalResult:
     if not config.pred:
         raise ConfigError("give --pred (one or more prediction files)")
     out = Path(config.out)  # created by its first file (atomic writes make their folder), not before the input is read
     problems: list[str] = []
     empty: list[str] = []
+    overlap: str | None = None
     if config.task == "copying":
         metrics, per_example, figures, problems = _copying(config, out)
         table = _copying_table(metrics)
@@ -364,6 +389,7 @@ def _evaluate(config: EvalConfig) -> EvalResult:
         score: Callable = _vqa if config.task == "vqa" else _report
         metrics, per_example, figures = score(config, examples, out)
         problems, empty = examples.problems, examples.empty_predictions
+        overlap = shared_ids(examples)
         table = _vqa_table(metrics) if config.task == "vqa" else _report_table(metrics, config.report_metrics)
     document = {
         "task": config.task,
@@ -380,6 +406,9 @@ def _evaluate(config: EvalConfig) -> EvalResult:
         notes.append(f"{len(empty)} empty prediction(s), scored as wrong.")
     if problems:
         notes.append(f"{len(problems)} record(s) left out (listed under 'skipped' in metrics.json).")
+    if overlap:
+        notes.append(overlap)
+        logger.warning("%s", overlap)
     atomic_write_text(files[1], f"# mmed-rag eval: {config.task}\n\n{table}\n" + "".join(f"\n{n}\n" for n in notes))
     atomic_write_text(files[2], "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in per_example))
     save_config(config, out, name="eval.config.yaml")
