@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -395,12 +396,35 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("mmed_rag").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    show_each_warning_once()
     if not sys.stderr.isatty():  # Hugging Face's own bars (loading weights, shards) in a log file: off
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if split is not None:
         return args.passthrough(split[1], verbose=args.verbose)
     stage: Stage = args.stage_spec
     return run_reporting_errors(stage.name, lambda: stage.run(config_from_args(stage.config(), args)), args.verbose)
+
+
+def show_each_warning_once() -> None:
+    """Print each distinct warning (category + message) once per process.
+
+    Python already shows a warning once per code location, but every ``warnings.catch_warnings()`` block resets
+    that memory, and transformers' Trainer opens one at every checkpoint: third-party deprecation warnings then
+    repeat at every step of a long run.
+    """
+    if getattr(warnings.showwarning, "shows_each_once", False):
+        return
+    shown: set[tuple[type, str]] = set()
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        key = (category, str(message))
+        if key not in shown:
+            shown.add(key)
+            original(message, category, filename, lineno, file, line)
+
+    show.shows_each_once = True
+    warnings.showwarning = show
 
 
 def run_reporting_errors(stage: str, run: Callable[[], int], verbose: bool = False) -> int:

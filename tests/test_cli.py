@@ -110,3 +110,20 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == "mmed-rag 0.1.0"
+
+
+def test_a_warning_repeated_across_catch_warnings_blocks_is_shown_once(recwarn):
+    import warnings
+
+    from mmed_rag.cli import show_each_warning_once
+
+    saved = warnings.showwarning
+    try:
+        show_each_warning_once()
+        for _ in range(3):
+            with warnings.catch_warnings():  # what the Trainer does at each checkpoint; it resets the registry
+                pass
+            warnings.warn("`old_api` is deprecated", FutureWarning, stacklevel=1)
+    finally:
+        warnings.showwarning = saved
+    assert sum("old_api" in str(warning.message) for warning in recwarn) == 1  # 3 without it
