@@ -58,6 +58,19 @@ def _run_phantoms(config) -> int:
     return 0
 
 
+def _tiny_model_config() -> type:
+    from mmed_rag.testing import TinyModelConfig
+
+    return TinyModelConfig
+
+
+def _run_tiny_model(config) -> int:
+    from mmed_rag.testing import make_tiny_model
+
+    print(f"wrote a tiny LLaVA with random weights (seed {config.seed}) to {make_tiny_model(config)}")
+    return 0
+
+
 def _demo_config() -> type:
     from mmed_rag.demo import DemoConfig
 
@@ -267,6 +280,12 @@ STAGES = (
     ),
     Stage(
         "make-phantoms", "write the procedural phantom data set in the release layout", _phantom_config, _run_phantoms
+    ),
+    Stage(
+        "make-tiny-model",
+        "write a tiny random LLaVA (model + processor) to try generate and training on",
+        _tiny_model_config,
+        _run_tiny_model,
     ),
     Stage(
         "train-domain",

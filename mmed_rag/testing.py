@@ -19,7 +19,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import socket
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -192,6 +194,29 @@ def save_tiny_llava(directory: str | os.PathLike, seed: int = 0, chat_template: 
     processor.save_pretrained(directory)
     logger.info("Saved tiny LLaVA (seed %d) to %s", seed, directory)
     return directory
+
+
+@dataclass
+class TinyModelConfig:
+    """``mmed-rag make-tiny-model``: a randomly initialised tiny LLaVA to try ``generate`` and ``train-*`` with."""
+
+    out: str = field(default="tiny-llava", metadata={"help": "model directory to write (model + processor)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random weights"})
+    chat_template: str = field(default=LLAVA_MED_MISTRAL, metadata={"help": "conversation format of the processor"})
+
+
+def make_tiny_model(config: TinyModelConfig) -> Path:
+    """Write a tiny LLaVA (random weights: it answers with unrelated words until trained) to ``config.out``."""
+    from mmed_rag.atomic import publish_directory
+    from mmed_rag.outputs import claim_outputs
+
+    out = Path(config.out)
+    with claim_outputs("make-tiny-model", replaced=[out]):
+        staging = out.with_name(out.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        save_tiny_llava(staging, config.seed, config.chat_template)
+        publish_directory(staging, out)
+    return out
 
 
 def tiny_clip(seed: int = 0, model: str = "tiny-clip"):

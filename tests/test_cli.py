@@ -127,3 +127,12 @@ def test_a_warning_repeated_across_catch_warnings_blocks_is_shown_once(recwarn):
     finally:
         warnings.showwarning = saved
     assert sum("old_api" in str(warning.message) for warning in recwarn) == 1  # 3 without it
+
+
+def test_make_tiny_model_writes_a_model_generate_can_load(tmp_path, capsys):
+    from mmed_rag.generation.generator import Generator, GeneratorConfig
+
+    assert main(["make-tiny-model", "--out", str(tmp_path / "llava"), "--seed", "1"]) == 0
+    assert "random weights" in capsys.readouterr().out
+    generator = Generator.load(GeneratorConfig(model=str(tmp_path / "llava"), max_new_tokens=3))
+    assert generator.model.config.model_type == "llava" and not (tmp_path / "llava.partial").exists()

@@ -630,6 +630,10 @@ CASES = [
         outputs=("sft",),
     ),
     Case("train-sft/output-is-the-model", lambda w, t: [*sft_args(w, t, output=w.llava)], ("llava", "input")),
+    # make-tiny-model
+    Case(
+        "make-tiny-model/out-is-a-file", lambda w, t: ["make-tiny-model", "--out", str(w.pred)], ("pred.jsonl", "file")
+    ),
     # demo
     Case("demo/out-is-a-file", lambda w, t: ["demo", "--out", str(w.pred)], ("pred.jsonl", "is a file")),
 ]
