@@ -103,7 +103,14 @@ def test_train_dpo_passes_its_options_to_hf_argument_parsing(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train-dpo", "--help"])
     assert exit_info.value.code == 0
-    assert "--stage2_data_path" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("usage: mmed-rag train-dpo [--config YAML]") and len(lines) < 120
+    assert any(line.lstrip().startswith("--stage2_data_path") for line in lines)
+    assert any(line.lstrip().startswith("--help-all") for line in lines)
+    with pytest.raises(SystemExit):
+        main(["train-dpo", "--help-all"])  # every TrainingArguments option, under our stage's name
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("usage: mmed-rag train-dpo") and len(lines) > 500
 
 
 def test_version(capsys):

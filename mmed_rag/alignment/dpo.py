@@ -406,6 +406,55 @@ def _yaml_arguments(path: Path) -> tuple[list[str], dict[str, None]]:
     return tokens, nulls
 
 
+# The TrainingArguments a RAG-PT run usually sets (the rest: --help-all).
+COMMON_TRAINING_OPTIONS = (
+    "output_dir",
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "beta",
+    "max_length",
+    "bf16",
+    "gradient_checkpointing",
+    "save_steps",
+    "logging_steps",
+    "report_to",
+    "deepspeed",
+    "seed",
+)
+
+
+def dpo_help() -> str:
+    """``train-dpo --help``: MMed-RAG's own options and the common training ones, not transformers' ~950 lines."""
+    fields = {f.name: f for f in dataclasses.fields(MMedRAGDPOConfig)}
+    own = [name for name in MMedRAGDPOConfig.__annotations__ if name in fields and fields[name].init]
+
+    def line(name: str) -> str:
+        f = fields[name]
+        help_text = " ".join(str(f.metadata.get("help", "")).split())
+        default = f.default if f.default is not dataclasses.MISSING else None
+        return f"  --{name:<28} {help_text} (default: {default!r})"
+
+    return "\n".join(
+        [
+            "usage: mmed-rag train-dpo [--config YAML] [--OPTION VALUE ...]",
+            "",
+            "RAG-PT: two-stage DPO + LoRA on preference pairs. Accepts the original train_dpo_2stages.py flags.",
+            "",
+            "  --config YAML                  a preset (configs/dpo/*.yaml); options given here override it",
+            "  --help-all                     every option of transformers' TrainingArguments and trl's DPOConfig",
+            "",
+            "MMed-RAG's options:",
+            *(line(name) for name in own),
+            "",
+            "Common training options (transformers / trl):",
+            *(line(name) for name in COMMON_TRAINING_OPTIONS),
+        ]
+    )
+
+
 def parse_dpo_args(argv: list[str] | None = None) -> MMedRAGDPOConfig:
     """The config of a command line: the original ``train_dpo_2stages.py`` flags, ours, and ``--config FILE.yaml``.
 
@@ -415,6 +464,12 @@ def parse_dpo_args(argv: list[str] | None = None) -> MMedRAGDPOConfig:
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help-all" in argv:
+        HfArgumentParser(MMedRAGDPOConfig, prog="mmed-rag train-dpo").print_help()
+        raise SystemExit(0)
+    if "-h" in argv or "--help" in argv:
+        print(dpo_help())
+        raise SystemExit(0)
     tokens: list[str] = []
     config_file = None
     index = 0
