@@ -379,14 +379,20 @@ PASSTHROUGH = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The command line; only the ``selected`` stage gets its options.
+
+    Building a stage's options imports its module (and with it torch, transformers, open_clip, ...): seconds per
+    stage. So ``mmed-rag --help`` lists the stages without importing any, and ``mmed-rag STAGE ...`` imports one.
+    """
     parser = argparse.ArgumentParser(prog="mmed-rag", description="MMed-RAG: multimodal RAG for medical VLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"mmed-rag {metadata.version('mmed-rag')}")
     subparsers = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage in STAGES:
         sub = subparsers.add_parser(stage.name, help=stage.help, description=stage.help)
-        add_config_arguments(sub, stage.config())
+        if stage.name == selected:
+            add_config_arguments(sub, stage.config())
         sub.set_defaults(stage_spec=stage)
     for name, (help_text, run) in PASSTHROUGH.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text, add_help=False)
@@ -394,18 +400,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]] | None:
-    """(our options, the stage's arguments) when ``argv`` names a pass-through stage; argparse would read the
-    stage's options as its own."""
+def _stage_token(argv: list[str]) -> tuple[str, int] | None:
+    """The stage named on the command line and its position (the first word that is not an option)."""
     for position, token in enumerate(argv):
         if not token.startswith("-"):
-            return (argv[: position + 1], argv[position + 1 :]) if token in PASSTHROUGH else None
+            return token, position
     return None
 
 
+def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]] | None:
+    """(our options, the stage's arguments) when ``argv`` names a pass-through stage; argparse would read the
+    stage's options as its own."""
+    named = _stage_token(argv)
+    if named is None or named[0] not in PASSTHROUGH:
+        return None
+    return argv[: named[1] + 1], argv[named[1] + 1 :]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    named = _stage_token(argv)
+    parser = build_parser(named[0] if named else None)
     split = _split_passthrough(argv)
     args = parser.parse_args(split[0] if split else argv)
     # Our own progress at INFO; third-party libraries (open_clip logs every step of model creation through the

@@ -143,3 +143,20 @@ def test_make_tiny_model_writes_a_model_generate_can_load(tmp_path, capsys):
     assert "random weights" in capsys.readouterr().out
     generator = Generator.load(GeneratorConfig(model=str(tmp_path / "llava"), max_new_tokens=3))
     assert generator.model.config.model_type == "llava" and not (tmp_path / "llava.partial").exists()
+
+
+def test_the_tools_help_imports_no_stage():
+    """`mmed-rag --help` lists the stages without importing torch (seconds); a stage's options import only it."""
+    code = (
+        "import sys\n"
+        "from mmed_rag.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "usage: mmed-rag [-h] [-v] [--version] STAGE ..." and lines[-1] == "False False"
+    assert "train-sft" in result.stdout and "make-tiny-model" in result.stdout
