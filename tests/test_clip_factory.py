@@ -192,3 +192,9 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, suffix):
     path.write_text("hello world, these are notes, not weights")
     with pytest.raises(ClipCheckpointError, match=r"notes\.(pt|bin|safetensors) is not a"):
         create_clip("tiny-clip", checkpoint=path)
+
+
+def test_a_relative_model_path_that_is_not_there_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ClipNotFoundError, match=f"read from the current directory, {tmp_path}"):
+        create_clip("runs/radiology/best")  # a preset's path, run from another folder
