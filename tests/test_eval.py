@@ -72,6 +72,9 @@ def test_vqa_metrics_overall_and_by_dataset_and_modality(predictions, tmp_path):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     table = (tmp_path / "eval/metrics.md").read_text()
     assert "| overall | 6 | 1 | 0.667" in table and "dataset tissue" in table
+    rows = [json.loads(line) for line in (tmp_path / "eval/per_example.jsonl").read_text().splitlines()]
+    unparseable = next(row for row in rows if row["predicted"] is None)  # the text shows why it was scored so
+    assert unparseable["prediction"] == "I cannot tell from this image." and unparseable["correct"] is False
 
 
 def test_the_command_prints_the_table(predictions, tmp_path, capsys):

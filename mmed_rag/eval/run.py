@@ -143,6 +143,7 @@ def _vqa(config: EvalConfig, examples: ExampleSet, out: Path) -> tuple[dict, lis
             "id": example.key,
             "dataset": example.dataset,
             "modality": example.modality,
+            "prediction": example.prediction,  # the text, so each verdict can be checked by eye
             "gold": label,
             "predicted": guess,
             "correct": label == guess,
@@ -235,7 +236,7 @@ def _report(config: EvalConfig, examples: ExampleSet, out: Path) -> tuple[dict, 
                 name: overall if len(rows) == len(kept) else measure(rows)[0] for name, rows in groups.items()
             }
     for example, row in zip(kept, per_example, strict=True):
-        row.update(dataset=example.dataset, modality=example.modality)
+        row.update(dataset=example.dataset, modality=example.modality, prediction=example.prediction)
     # CIDEr runs 0-10; a tenth of it shares the 0-1 axis of the others.
     values = {
         ("CIDEr / 10" if name == "CIDEr" else name): overall[name] / (10 if name == "CIDEr" else 1)
