@@ -764,7 +764,7 @@ def test_two_generate_runs_on_one_output_cannot_corrupt_it(world, tmp_path):
     Whichever claims the output first answers every question; the other stops at once, before loading a model,
     naming the first. Before the lock, the output held 71 lines for 40 ids.
     """
-    rows = [{**row, "question_id": index} for index, row in enumerate(vqa_lines(world) * 30)]
+    rows = [{**row, "question_id": index} for index, row in enumerate(vqa_lines(world) * 60)]
     source = write_jsonl(tmp_path / "questions.jsonl", rows)
     argv = [sys.executable, "-m", "mmed_rag.cli", *gen_io(world, tmp_path, source, "--batch-size", "1")]
     runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
