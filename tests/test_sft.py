@@ -10,6 +10,7 @@ import torch
 import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 
+from mmed_rag.alignment.dataset import sequence_lengths
 from mmed_rag.cli import main
 from mmed_rag.data.records import read_conversations
 from mmed_rag.training.sft import PathImageCollator, SFTConfig, conversation_rows, load_rows, train_sft
@@ -75,6 +76,12 @@ def test_only_the_answer_tokens_carry_a_loss(world, tmp_path, processor):
         assert torch.equal(labels[first:][mask[first:]], batch["input_ids"][index][first:][mask[first:]])
         image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         assert (batch["input_ids"][index][:first] == image_token).sum() == 16  # the image is in the prompt
+    # Rows start with the BOS every inference prompt starts with, and the length check counts what is collated.
+    assert (batch["input_ids"][:, 0] == processor.tokenizer.bos_token_id).all() and (
+        batch["labels"][:, 0] == -100
+    ).all()
+    lengths = sequence_lengths(rows[:3], processor, answers=("completion",))
+    assert lengths == batch["attention_mask"].sum(dim=1).tolist()
 
 
 class _Logits(TrainerCallback):
@@ -225,3 +232,15 @@ def test_one_stage_options_and_a_stage_list_are_not_mixed():
 
     with pytest.raises(ConfigError, match="either stages"):
         SFTConfig(data=("a.json",), stages=({"name": "a", "data": ["b.json"]},))
+
+
+def test_a_row_longer_than_max_length_is_refused_before_any_model_loads(world, tmp_path, monkeypatch):
+    import mmed_rag.training.sft as sft
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the length check")
+
+    monkeypatch.setattr(sft, "load_stage_model", loaded)
+    data = conversations(world, tmp_path / "c.json")
+    with pytest.raises(sft.SFTError, match=r"record '(radiology|pathology)-\d+': \d+ tokens, over max_length 20"):
+        train_sft(config(world, tmp_path, data, max_length=20))

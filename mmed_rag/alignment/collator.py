@@ -38,6 +38,39 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
 
+# What a prepended BOS column holds in each field a trl collator may return (None: the BOS id itself).
+_BOS_COLUMN = {
+    "input_ids": None,
+    "attention_mask": 1,
+    "completion_mask": 0,
+    "labels": -100,
+    "token_type_ids": 0,
+    "mm_token_type_ids": 0,
+}
+
+
+def with_bos(batch: dict[str, Any], tokenizer, max_length: int | None = None) -> dict[str, Any]:
+    """Prepend BOS when the tokenizer adds one at inference and the rows do not start with it.
+
+    For trl's collators (DPO and SFT alike), which flush rows left, so column 0 is every row's first token. The
+    BOS carries no loss (label -100, completion mask 0).
+    """
+    bos = tokenizer.bos_token_id
+    if not adds_bos(tokenizer):
+        return batch
+    input_ids = batch["input_ids"]
+    if bool((input_ids[:, 0] == bos).all()):
+        return batch
+    rows = input_ids.shape[0]
+    for key, value in _BOS_COLUMN.items():
+        if key in batch:
+            column = torch.full((rows, 1), bos if value is None else value, dtype=batch[key].dtype)
+            batch[key] = torch.cat([column, batch[key]], dim=1)
+            if max_length is not None:
+                batch[key] = batch[key][:, :max_length]
+    return batch
+
+
 def pair_noise(size: tuple[int, int], noise_seed: int, pair_index: int, side: str, image_index: int = 0) -> Image.Image:
     """The noise image of one side of one pair: the same for the same arguments, independent across pairs."""
     sequence = np.random.SeedSequence([noise_seed, pair_index, _SIDES[side], image_index])
@@ -99,7 +132,7 @@ class RAGPreferenceCollator(DataCollatorForVisionPreference):
                 example.pop(key, None)
         batch = super().torch_call(examples)
         if self.add_bos:
-            batch = self._with_bos(batch)
+            batch = with_bos(batch, self.processor.tokenizer, self.max_length)
         flat = [image for images in rejected_images for image in images]
         if flat:
             pixel_values = batch["pixel_values"]
@@ -111,31 +144,4 @@ class RAGPreferenceCollator(DataCollatorForVisionPreference):
                 )
             rejected = self.processor.image_processor(images=flat, return_tensors="pt")["pixel_values"]
             batch["pixel_values"] = torch.cat([pixel_values[: len(flat)], rejected.to(pixel_values.dtype)])
-        return batch
-
-    def _with_bos(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Prepend BOS when the tokenizer adds one at inference and the rows do not start with it."""
-        tokenizer = self.processor.tokenizer
-        bos = tokenizer.bos_token_id
-        if not adds_bos(tokenizer):
-            return batch
-        input_ids = batch["input_ids"]
-        if bool((input_ids[:, 0] == bos).all()):
-            return batch
-        # trl flushes rows left, so column 0 is every row's first token.
-        rows = input_ids.shape[0]
-        column = {
-            "input_ids": torch.full((rows, 1), bos, dtype=input_ids.dtype),
-            "attention_mask": torch.ones((rows, 1), dtype=batch["attention_mask"].dtype),
-            "completion_mask": torch.zeros((rows, 1), dtype=batch["completion_mask"].dtype),
-        }
-        for key, first in column.items():
-            batch[key] = torch.cat([first, batch[key]], dim=1)
-            if self.max_length is not None:
-                batch[key] = batch[key][:, : self.max_length]
-        for key in ("token_type_ids", "mm_token_type_ids"):
-            if key in batch:
-                batch[key] = torch.cat([torch.zeros((rows, 1), dtype=batch[key].dtype), batch[key]], dim=1)
-                if self.max_length is not None:
-                    batch[key] = batch[key][:, : self.max_length]
         return batch

@@ -119,10 +119,13 @@ def tokens_per_image(processor) -> int:
     return sum(1 for token in ids if token == processor.tokenizer.convert_tokens_to_ids(image_token))
 
 
-def sequence_lengths(rows: list[dict[str, Any]], processor) -> list[int]:
-    """Tokens of each row as the collator builds it: BOS + prompt (images expanded) + the longer answer.
+def sequence_lengths(
+    rows: list[dict[str, Any]], processor, answers: tuple[str, ...] = ("chosen", "rejected")
+) -> list[int]:
+    """Tokens of each row as the collator builds it: BOS + prompt (images expanded) + the longest answer.
 
-    The text is rendered by trl's own functions, so this counts what training will see.
+    ``answers`` names the row's answer columns: a preference row's two sides, or an SFT row's ``("completion",)``.
+    The text is rendered by trl's own functions, so this counts what training will see, without opening an image.
     """
     from trl.data_utils import apply_chat_template, prepare_multimodal_messages
 
@@ -130,28 +133,25 @@ def sequence_lengths(rows: list[dict[str, Any]], processor) -> list[int]:
 
     tokenizer = processor.tokenizer
     per_image = tokens_per_image(processor)
-    prompts, chosens, rejecteds = [], [], []
+    prompts: list[str] = []
+    answer_texts: dict[str, list[str]] = {answer: [] for answer in answers}
     for row in rows:
-        messages = {
-            "prompt": prepare_multimodal_messages(row["prompt"], images=row["images"]),
-            "chosen": prepare_multimodal_messages(row["chosen"]),
-            "rejected": prepare_multimodal_messages(row["rejected"]),
-        }
+        messages = {"prompt": prepare_multimodal_messages(row["prompt"], images=row["images"])}
+        messages |= {answer: prepare_multimodal_messages(row[answer]) for answer in answers}
         text = apply_chat_template(messages, processor)
         prompts.append(text["prompt"])
-        chosens.append(text["chosen"])
-        rejecteds.append(text["rejected"])
+        for answer in answers:
+            answer_texts[answer].append(text[answer])
 
     def count(texts: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
     bos = [int(adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]) for ids in prompt_ids]
+    longest = [max(lengths) for lengths in zip(*(count(answer_texts[answer]) for answer in answers), strict=True)]
     return [
-        added + len(prompt) + (per_image - 1) * len(row["images"]) + max(chosen, rejected)
-        for row, added, prompt, chosen, rejected in zip(
-            rows, bos, prompt_ids, count(chosens), count(rejecteds), strict=True
-        )
+        added + len(prompt) + (per_image - 1) * len(row["images"]) + answer
+        for row, added, prompt, answer in zip(rows, bos, prompt_ids, longest, strict=True)
     ]
 
 

@@ -39,6 +39,7 @@ import torch
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
+from mmed_rag.alignment.collator import with_bos
 from mmed_rag.config import ConfigError, config_from_dict, save_config
 from mmed_rag.data.images import ImagePathError, open_image, resolve_image_path
 from mmed_rag.data.records import IMAGE_TOKEN, ConversationRecord, RecordError, read_conversations
@@ -211,11 +212,12 @@ def load_rows(stage: SFTStage, image_folder: str, on_error: str, seed: int) -> t
 
 
 class PathImageCollator(DataCollatorForVisionLanguageModeling):
-    """trl's vision collator, opening each batch's images from their paths (never all in memory)."""
+    """trl's vision collator, opening each batch's images from their paths (never all in memory), with the BOS
+    that inference prompts start with (LLaVA-Med's template leaves it to the tokenizer; trl tokenises without)."""
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         examples = [{**example, "images": [open_image(path) for path in example["images"]]} for example in examples]
-        return super().torch_call(examples)
+        return with_bos(super().torch_call(examples), self.processor.tokenizer, self.max_length)
 
 
 class MMedRAGSFTTrainer(SFTTrainer):
@@ -351,6 +353,7 @@ def train_stage(config: SFTConfig, stage: SFTStage, source: Path, processor) -> 
         logger.info("SFT stage %s is finished (%s): skipped.", stage.name, final)
         return final, finished
     rows, skipped = load_rows(stage, config.image_folder, config.on_error, config.seed)
+    _check_lengths(rows, processor, config.max_length)  # before any model loads
     resume = last_checkpoint(checkpoints, identity)
     args = _trainer_args(config, stage, checkpoints)
     model = load_stage_model(source, torch.bfloat16 if config.bf16 else torch.float32)
@@ -365,7 +368,6 @@ def train_stage(config: SFTConfig, stage: SFTStage, source: Path, processor) -> 
         peft_config=_lora_config(config) if stage.trainable == "lora" else None,
         callbacks=[StopOnDivergence(f"train-sft stage {stage.name}")],
     )
-    _check_lengths(trainer, rows, config.max_length)
     trainable = sum(parameter.numel() for parameter in trainer.model.parameters() if parameter.requires_grad)
     logger.info(
         "SFT stage %s: %d rows (%d records left out), %s trainable parameters (%s), learning rate %g.",
@@ -400,16 +402,14 @@ def train_stage(config: SFTConfig, stage: SFTStage, source: Path, processor) -> 
     return final, summary
 
 
-def _check_lengths(trainer, rows: list[dict], max_length: int) -> None:
+def _check_lengths(rows: list[dict], processor, max_length: int) -> None:
     """Refuse a row longer than ``max_length``: cutting it would drop its answer, and trl would not say."""
-    collator = trainer.data_collator
-    for start in range(0, len(rows), 64):
-        batch = collator.torch_call([dict(row) for row in rows[start : start + 64]])
-        lengths = batch["attention_mask"].sum(dim=1)
-        if int(lengths.max()) > max_length:
-            row = rows[start + int(lengths.argmax())]
+    from mmed_rag.alignment.dataset import sequence_lengths
+
+    for row, length in zip(rows, sequence_lengths(rows, processor, answers=("completion",)), strict=True):
+        if length > max_length:
             raise SFTError(
-                f"record {row['id']!r}: {int(lengths.max())} tokens, over max_length {max_length}; "
+                f"record {row['id']!r}: {length} tokens, over max_length {max_length}; "
                 "raise max_length or shorten it (a cut row would lose its answer)"
             )
 
