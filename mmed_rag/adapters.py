@@ -16,17 +16,13 @@ from pathlib import Path
 
 import torch
 
-from mmed_rag.errors import MMedRAGError
+from mmed_rag.errors import MMedRAGError, first_few
 
 CONFIG_FILE = "adapter_config.json"
 
 
 class AdapterError(MMedRAGError):
     """A LoRA adapter directory that is missing, unreadable, or does not fit the model it is loaded onto."""
-
-
-def _some(names: list[str], count: int = 3) -> str:
-    return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")
 
 
 def load_lora(model: torch.nn.Module, adapter: str | os.PathLike, *, is_trainable: bool = False):
@@ -51,10 +47,11 @@ def load_lora(model: torch.nn.Module, adapter: str | os.PathLike, *, is_trainabl
         problems = []
         if unexpected:
             problems.append(
-                f"{len(unexpected)} of its {len(saved)} tensors match no layer of the model ({_some(unexpected)})"
+                f"{len(unexpected)} of its {len(saved)} tensors match no layer of the model "
+                f"({first_few(unexpected, 3, ', ')})"
             )
         if missing:
-            problems.append(f"{len(missing)} adapter layers of the model get no tensor ({_some(missing)})")
+            problems.append(f"{len(missing)} adapter layers of the model get no tensor ({first_few(missing, 3, ', ')})")
         raise AdapterError(
             f"the adapter {adapter} does not fit the model {type(model).__name__}: {'; '.join(problems)}; "
             "it was trained on another model, or its tensor names were changed"
@@ -68,6 +65,6 @@ def load_lora(model: torch.nn.Module, adapter: str | os.PathLike, *, is_trainabl
     ]
     if differing:
         raise AdapterError(
-            f"the adapter {adapter} did not load into the model: {_some(differing)} differ after loading"
+            f"the adapter {adapter} did not load into the model: {first_few(differing, 3, ', ')} differ after loading"
         )
     return peft_model

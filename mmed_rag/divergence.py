@@ -18,7 +18,7 @@ import math
 import torch
 from transformers import TrainerCallback
 
-from mmed_rag.errors import MMedRAGError
+from mmed_rag.errors import MMedRAGError, first_few
 
 
 class DivergedError(MMedRAGError):
@@ -53,22 +53,18 @@ def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
     return [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
 
 
-def _named(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-
 def check_gradients(model: torch.nn.Module, stage: str, where: str, lr: float | None = None) -> None:
     """Raise :class:`DivergedError` when a gradient is NaN or infinite (call it before ``optimizer.step()``)."""
     bad = nonfinite_gradients(model)
     if bad:
-        raise _diverged(stage, f"non-finite gradients of {_named(bad)}", where, lr)
+        raise _diverged(stage, f"non-finite gradients of {first_few(bad, 3, ', ')}", where, lr)
 
 
 def check_parameters(model: torch.nn.Module, stage: str, where: str, lr: float | None = None) -> None:
     """Raise :class:`DivergedError` when a weight is NaN or infinite (call it before saving)."""
     bad = nonfinite_parameters(model)
     if bad:
-        raise _diverged(stage, f"non-finite weights in {_named(bad)}", where, lr)
+        raise _diverged(stage, f"non-finite weights in {first_few(bad, 3, ', ')}", where, lr)
 
 
 class StopOnDivergence(TrainerCallback):

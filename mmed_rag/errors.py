@@ -12,9 +12,17 @@ Each specific error keeps a built-in base as well (``RecordError`` is a ``ValueE
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 #: Exit code of a stage stopped by bad input (argparse uses 2 for a bad command line too).
 EXIT_BAD_INPUT = 2
 
 
 class MMedRAGError(Exception):
     """Bad input or a bad artefact: the user can act on the message; not a bug."""
+
+
+def first_few(items: Sequence[str], count: int, separator: str = "; ") -> str:
+    """The first ``count`` items joined, then how many more there are: a message names a few, not thousands."""
+    more = f"{separator}and {len(items) - count} more" if len(items) > count else ""
+    return separator.join(items[:count]) + more

@@ -29,9 +29,10 @@ from mmed_rag.errors import MMedRAGError
 
 LOCK_SUFFIX = ".lock"
 
-# Locks this process holds, by lock path, with their depth: a stage function that claims its output and then
-# calls another public function that claims the same output (``generate`` → ``MMedRAG.run_file``) holds it once.
-_HELD: dict[Path, int] = {}
+# Locks this process holds, by lock path: a stage function that claims its output and then calls another public
+# function that claims the same output (``generate`` → ``MMedRAG.run_file``) holds it once; the outer claim
+# releases it.
+_HELD: set[Path] = set()
 
 PathLike = str | os.PathLike
 
@@ -92,11 +93,7 @@ def output_lock(output: PathLike, stage: str) -> Iterator[Path]:
     path = lock_path(output)
     key = _resolved(path)
     if key in _HELD:
-        _HELD[key] += 1
-        try:
-            yield path
-        finally:
-            _HELD[key] -= 1
+        yield path
         return
     created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     try:
@@ -105,11 +102,11 @@ def output_lock(output: PathLike, stage: str) -> Iterator[Path]:
         raise OutputError(f"cannot create the folder of the output {output}: {error.strerror or error}") from None
     try:
         with _locked(path, stage, output):
-            _HELD[key] = 1
+            _HELD.add(key)
             try:
                 yield path
             finally:
-                del _HELD[key]
+                _HELD.discard(key)
     finally:
         for folder in created:  # innermost first; a run that wrote nothing leaves no empty folders behind
             try:

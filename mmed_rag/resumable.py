@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from mmed_rag.atomic import atomic_write_bytes, atomic_write_text
-from mmed_rag.errors import MMedRAGError
+from mmed_rag.errors import MMedRAGError, first_few
 
 PARTIAL_SUFFIX = ".partial"
 IDENTITY_SUFFIX = ".identity.json"
@@ -100,12 +100,11 @@ class ResumableOutput:
             key for key in sorted(set(recorded) | set(self.identity)) if recorded.get(key) != self.identity.get(key)
         ]
         if changed:
-            shown = "; ".join(
-                f"{key}: {recorded.get(key)!r} then, {self.identity.get(key)!r} now" for key in changed[:4]
+            shown = first_few(
+                [f"{key}: {recorded.get(key)!r} then, {self.identity.get(key)!r} now" for key in changed], 4
             )
-            more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
             raise ResumeError(
-                f"{self.partial} holds results of a run with other inputs or settings ({shown}{more}); resuming would "
+                f"{self.partial} holds results of a run with other inputs or settings ({shown}); resuming would "
                 "mix the two in one output: rerun with the same ones, or with --fresh to start over"
             )
 

@@ -74,7 +74,7 @@ from mmed_rag.data.records import read_records
 from mmed_rag.device import resolve_device
 from mmed_rag.divergence import check_gradients, check_loss, check_parameters
 from mmed_rag.domain.routing import UNKNOWN, DomainPrediction, decide, is_placed
-from mmed_rag.errors import MMedRAGError
+from mmed_rag.errors import MMedRAGError, first_few
 from mmed_rag.fingerprint import file_sha256
 from mmed_rag.outputs import claim_outputs
 from mmed_rag.progress import progress_bar
@@ -410,7 +410,7 @@ def _image_sources(images: Sequence[ImageInput], image_root: str | os.PathLike |
             missing.append(str(path))
         sources.append(path)
     if missing:
-        listed = "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
+        listed = first_few(missing, 5)
         raise ImageLoadError(f"{len(missing)} image(s) not found: {listed}")
     return sources
 
@@ -487,7 +487,7 @@ def check_labelled(images: Sequence[LabelledImage], split: str) -> None:
         if seen.setdefault(path, image.modality) != image.modality:
             raise DomainError(f"{split}: {path} is labelled both {seen[path]} and {image.modality}.")
     if missing:
-        listed = "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
+        listed = first_few(missing, 5)
         raise ImageLoadError(f"{split}: {len(missing)} image(s) not found: {listed}")
 
 

@@ -52,7 +52,7 @@ from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image, res
 from mmed_rag.data.records import ImageReportRecord, read_retriever_train
 from mmed_rag.device import resolve_device
 from mmed_rag.divergence import DivergedError, check_gradients, check_loss, check_parameters
-from mmed_rag.errors import MMedRAGError
+from mmed_rag.errors import MMedRAGError, first_few
 from mmed_rag.fingerprint import file_sha256
 from mmed_rag.outputs import claim_outputs
 from mmed_rag.progress import progress_bar
@@ -233,7 +233,7 @@ def check_images(img_root: str | os.PathLike, pairs: Sequence[Pair], data_file: 
         if not path.is_file():
             missing.append(f"record {pair.record_id!r}: {pair.image}")
     if missing:
-        listed = "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
+        listed = first_few(missing, 5)
         raise ImageLoadError(f"{data_file}: {len(missing)} image(s) not found under {img_root}: {listed}")
 
 
