@@ -110,6 +110,7 @@ def plot_loss(history: list[dict], path: Path, title: str) -> None:
     """The training loss (and learning rate) per logged step (Agg canvas, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from mmed_rag.atomic import atomic_path
 
@@ -124,6 +125,7 @@ def plot_loss(history: list[dict], path: Path, title: str) -> None:
     rate_ax.set(xlabel="step", ylabel="learning rate", title="schedule")
     for axis in (loss_ax, rate_ax):
         axis.grid(alpha=0.3)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     figure.suptitle(title)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
