@@ -17,7 +17,7 @@ export WANDB_MODE ?= disabled
 export DS_ACCELERATOR := cpu
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install java test demo lint clean
+.PHONY: install java test demo demo-smoke demo-readme lint clean
 
 install: $(STAMP)
 
@@ -45,8 +45,15 @@ java:
 test: install java
 	$(BIN)/python -m pytest -q tests
 
-demo: install java
+demo: install
 	$(BIN)/mmed-rag demo --out $(DEMO_OUT)
+
+demo-smoke: install
+	$(BIN)/mmed-rag demo --smoke --out $(DEMO_OUT)-smoke
+
+# Copy the latest demo's verdict, VQA table and plots into README.md ("What the demo shows").
+demo-readme: install
+	$(BIN)/python -m mmed_rag.demo.readme $(DEMO_OUT) README.md docs/demo
 
 lint: install
 	$(BIN)/ruff check mmed_rag tests scripts train retrieve benchmarks

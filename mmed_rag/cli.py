@@ -72,7 +72,7 @@ def _run_tiny_model(config) -> int:
 
 
 def _demo_config() -> type:
-    from mmed_rag.demo import DemoConfig
+    from mmed_rag.demo.config import DemoConfig
 
     return DemoConfig
 
@@ -359,7 +359,12 @@ STAGES = (
         _merge_lora_config,
         _run_merge_lora,
     ),
-    Stage("demo", "run the smallest end-to-end path on generated data and report what it did", _demo_config, _run_demo),
+    Stage(
+        "demo",
+        "MMed-RAG end to end on generated phantoms (retrievers, stand-in model, RAG, RAG-PT) and a REPORT.md",
+        _demo_config,
+        _run_demo,
+    ),
 )
 
 

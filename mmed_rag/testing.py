@@ -67,10 +67,11 @@ TINY_TEXT = {
 }
 
 
-@functools.lru_cache(maxsize=1)
-def _tiny_tokenizer_json() -> str:
-    """Train the word-level vocabulary once per process; it depends only on the corpus file."""
+@functools.lru_cache(maxsize=4)
+def _tiny_tokenizer_json(extra_corpus: tuple[str, ...] = ()) -> str:
+    """Train the word-level vocabulary once per process; it depends only on the corpus file (and extra lines)."""
     corpus = (resources.files("mmed_rag") / "testing_corpus.txt").read_text(encoding="utf-8").splitlines()
+    corpus += list(extra_corpus)
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     # Lower-casing and one token per punctuation mark and per digit keep the vocabulary small while any
     # report, number or prompt still tokenizes; words outside the corpus become <unk>.
@@ -95,13 +96,16 @@ def _tiny_tokenizer_json() -> str:
     return tokenizer.to_str()
 
 
-def tiny_tokenizer(chat_template: str = LLAVA_MED_MISTRAL) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(
+    chat_template: str = LLAVA_MED_MISTRAL, extra_corpus: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
     """A ~720-word tokenizer with the special tokens of converted LLaVA-Med and its chat template.
 
-    ``chat_template`` names a template of :mod:`mmed_rag.chat_templates`.
+    ``chat_template`` names a template of :mod:`mmed_rag.chat_templates`. ``extra_corpus``: more lines to learn
+    words from (the demo's stand-in adds the phantoms' wording, so that no finding is an ``<unk>``).
     """
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json(tuple(extra_corpus))),
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
@@ -166,31 +170,50 @@ def tiny_image_processor(image_size: int = TINY_VISION["image_size"]) -> CLIPIma
     )
 
 
-def tiny_processor(chat_template: str = LLAVA_MED_MISTRAL) -> LlavaProcessor:
-    """The ``LlavaProcessor`` for :func:`tiny_llava`: each ``<image>`` in a prompt expands to 16 image tokens.
+def tiny_processor(
+    chat_template: str = LLAVA_MED_MISTRAL,
+    image_size: int = TINY_VISION["image_size"],
+    patch_size: int = TINY_VISION["patch_size"],
+    extra_corpus: tuple[str, ...] = (),
+) -> LlavaProcessor:
+    """The ``LlavaProcessor`` for :func:`tiny_llava`: each ``<image>`` in a prompt expands to one image token per
+    patch (16 at the default 32 px in 8-px patches); ``image_size``/``patch_size`` must match the vision config.
 
     ``num_additional_image_tokens=1`` counts the CLIP CLS token, which the "default" strategy then removes again;
     without it the processor would insert one image token fewer than the model has features.
     """
     return LlavaProcessor(
-        image_processor=tiny_image_processor(),
-        tokenizer=tiny_tokenizer(chat_template),
-        patch_size=TINY_VISION["patch_size"],
+        image_processor=tiny_image_processor(image_size),
+        tokenizer=tiny_tokenizer(chat_template, extra_corpus),
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=load_chat_template(chat_template),
     )
 
 
-def save_tiny_llava(directory: str | os.PathLike, seed: int = 0, chat_template: str = LLAVA_MED_MISTRAL) -> Path:
+def save_tiny_llava(
+    directory: str | os.PathLike,
+    seed: int = 0,
+    chat_template: str = LLAVA_MED_MISTRAL,
+    *,
+    vision: dict | None = None,
+    text: dict | None = None,
+    extra_corpus: tuple[str, ...] = (),
+) -> Path:
     """Write a tiny LLaVA checkpoint (model + processor) to ``directory``, laid out like a hub checkpoint.
+
+    ``vision`` and ``text`` override the shapes as in :func:`tiny_llava_config` (the demo's stand-in model is a
+    larger one); the processor follows the vision tower's image and patch size, its tokenizer learns words from
+    ``extra_corpus`` too (see :func:`tiny_tokenizer`).
 
     The directory loads with ``AutoModelForImageTextToText.from_pretrained`` and ``AutoProcessor.from_pretrained``,
     so code paths that take a model path (CLI, conversion, DPO) can be tested without the 7B model.
     """
     directory = Path(directory)
-    processor = tiny_processor(chat_template)
-    tiny_llava(seed, tiny_llava_config(processor.tokenizer)).save_pretrained(directory)
+    shape = {**TINY_VISION, **(vision or {})}
+    processor = tiny_processor(chat_template, shape["image_size"], shape["patch_size"], tuple(extra_corpus))
+    tiny_llava(seed, tiny_llava_config(processor.tokenizer, vision=vision, text=text)).save_pretrained(directory)
     processor.save_pretrained(directory)
     logger.info("Saved tiny LLaVA (seed %d) to %s", seed, directory)
     return directory

@@ -1,4 +1,4 @@
-"""The `mmed-rag` command: stages, validate-data on real and broken files, make-phantoms, the demo."""
+"""The `mmed-rag` command: stages, validate-data on real and broken files, make-phantoms."""
 
 import json
 import subprocess
@@ -81,21 +81,6 @@ def test_bad_config_key_exits_with_a_message(tmp_path, capsys):
     preset.write_text("images: 10\n")
     assert main(["make-phantoms", "--config", str(preset)]) == 2
     assert "unknown field(s) images" in capsys.readouterr().err
-
-
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n", "150", "--size", "48"]) == 0
-    printed = capsys.readouterr().out
-    assert "[5/5]" in printed and "max logit difference after reload 0.0e+00" in printed
-    summary = json.loads((out / "demo_summary.json").read_text())
-    assert summary["validation_ok"] is True
-    modality = next(score for score in summary["pixel_probe"] if score["task"] == "modality")
-    assert modality["accuracy"] > modality["majority"] + 0.3
-    for picture in ("phantom_grid.png", "noised_side_by_side.png"):
-        with Image.open(out / picture) as image:
-            assert image.size[0] > 200
-    assert (out / "config.yaml").is_file() and (out / "tiny-llava" / "config.json").is_file()
 
 
 def test_train_dpo_passes_its_options_to_hf_argument_parsing(capsys):

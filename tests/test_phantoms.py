@@ -11,7 +11,14 @@ from PIL import Image
 
 from mmed_rag.config import ConfigError
 from mmed_rag.data.phantom_probe import probe_phantoms
-from mmed_rag.data.phantoms import FINDINGS, PhantomConfig, make_phantoms, render_phantom, write_grid
+from mmed_rag.data.phantoms import (
+    FINDINGS,
+    PhantomConfig,
+    findings_in_report,
+    make_phantoms,
+    render_phantom,
+    write_grid,
+)
 
 MODALITIES = ("radiology", "pathology", "ophthalmology")
 # Words by which a report sentence or a question refers to each finding.
@@ -172,6 +179,41 @@ def test_render_phantom_is_pure_and_checks_its_arguments():
         render_phantom("dermatology", [], 64, np.random.default_rng(0))
 
 
+def test_findings_in_report_reads_every_report_back(phantoms):
+    for modality in MODALITIES:
+        for record in all_records(phantoms, modality):
+            said = findings_in_report(modality, record["report"])
+            assert said == {finding: finding in record["findings"] for finding in FINDINGS[modality]}
+
+
+def test_fixed_wording_presence_questions_and_training_questions(tmp_path):
+    config = PhantomConfig(
+        out=str(tmp_path), n=60, report_wording="fixed", question_style="presence", train_questions_per_image=2
+    )
+    make_phantoms(config)
+    for modality in MODALITIES:
+        records = all_records(tmp_path, modality)
+        # The findings' sentences are a function of the findings: same findings, same opening, fillers after.
+        openings = {}
+        for record in records:
+            said = findings_in_report(modality, record["report"])
+            assert said == {finding: finding in record["findings"] for finding in FINDINGS[modality]}
+            opening = " ".join(record["report"].split(". ")[: len(FINDINGS[modality])])
+            assert openings.setdefault(tuple(record["findings"]), opening) == opening
+        questions = read_jsonl(tmp_path / "training" / "vqa" / f"{modality}_train.jsonl")
+        questions += read_jsonl(tmp_path / "training" / "vqa" / f"{modality}_val.jsonl")
+        findings = {image_of(record): record["findings"] for record in records}
+        assert len(questions) == 2 * 16
+        for line in questions:
+            # presence: "yes" exactly when the finding asked of is there; never asked as "free of ...?"
+            assert (parse_answer(line["answer"])) == (line["finding"] in findings[line["image"]]), line
+            assert not ASKS_FOR_ABSENCE.search(line["question"]), line["question"]
+
+
+def parse_answer(answer: str) -> bool:
+    return answer.lower().startswith("yes")
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -183,6 +225,8 @@ def test_render_phantom_is_pure_and_checks_its_arguments():
         ({"modalities": ()}, "modalities"),
         ({"questions_per_image": 0}, "questions_per_image"),
         ({"finding_probability": 1.5}, "finding_probability"),
+        ({"report_wording": "terse"}, "report_wording"),
+        ({"question_style": "open"}, "question_style"),
     ],
 )
 def test_config_errors_say_which_field(overrides, message):

@@ -73,6 +73,17 @@ def test_tokenizer_is_the_same_on_every_call_and_maps_unknown_words_to_unk():
     assert first.tokenize("zyxwvut pneumothorax") == ["<unk>", "pneumothorax"]
 
 
+def test_extra_corpus_adds_words_and_leaves_the_default_vocabulary_alone():
+    from mmed_rag.data.phantoms import wording
+
+    default, extended = tiny_tokenizer(), tiny_tokenizer(extra_corpus=("coagulative haemorrhages",))
+    assert default.tokenize("coagulative haemorrhages") == ["<unk>", "<unk>"]
+    assert extended.tokenize("coagulative haemorrhages") == ["coagulative", "haemorrhages"]
+    assert tiny_tokenizer().get_vocab() == default.get_vocab()
+    phantoms = tiny_tokenizer(extra_corpus=tuple(wording()))
+    assert not [token for line in wording() for token in phantoms.tokenize(line) if token == "<unk>"]
+
+
 def test_tokenizer_covers_the_mmed_rag_prompt_wording_and_numbers():
     tokenizer = tiny_tokenizer()
     assert tokenizer.unk_token not in tokenizer.tokenize(RADIOLOGY_PROMPT)

@@ -71,6 +71,27 @@ class PhantomConfig:
     questions_per_image: int = field(
         default=2, metadata={"help": "yes/no questions per test image; answers alternate yes/no within an image"}
     )
+    question_style: str = field(
+        default="balanced",
+        metadata={
+            "help": "balanced: yes/no alternate per image, absent findings asked as 'free of ...?'; presence: every "
+            "question asks whether a finding is there (see compose_questions)"
+        },
+    )
+    train_questions_per_image: int = field(
+        default=0,
+        metadata={
+            "help": "yes/no questions per train and val image, written to training/vqa/ (0: none): the questions "
+            "that supervised fine-tuning and RAG-PT's pair construction answer"
+        },
+    )
+    report_wording: str = field(
+        default="varied",
+        metadata={
+            "help": "varied: each finding said in one of several ways, with fillers, in random order; fixed: one "
+            "sentence per finding and state, in a fixed order, so reports with the same findings are the same text"
+        },
+    )
     finding_probability: float = field(
         default=0.35,
         metadata={"help": f"chance of each finding, drawn independently (at most {MAX_FINDINGS} kept per image)"},
@@ -98,6 +119,12 @@ class PhantomConfig:
             )
         if self.questions_per_image < 1:
             raise ConfigError(f"questions_per_image: expected at least 1, got {self.questions_per_image}")
+        if self.question_style not in ("balanced", "presence"):
+            raise ConfigError(f"question_style: expected balanced or presence, got {self.question_style!r}")
+        if self.report_wording not in ("varied", "fixed"):
+            raise ConfigError(f"report_wording: expected varied or fixed, got {self.report_wording!r}")
+        if self.train_questions_per_image < 0:
+            raise ConfigError(f"train_questions_per_image: expected 0 or more, got {self.train_questions_per_image}")
         if not 0 <= self.finding_probability <= 1:
             raise ConfigError(f"finding_probability: expected a probability in [0, 1], got {self.finding_probability}")
         for modality, counts in self.split_counts().items():
@@ -831,8 +858,20 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[rng.integers(len(options))]
 
 
-def compose_report(modality: str, findings: Sequence[str], rng: np.random.Generator) -> str:
-    """A report stating each finding of ``modality`` as present or absent, plus a filler or two, shuffled."""
+def compose_report(modality: str, findings: Sequence[str], rng: np.random.Generator, wording: str = "varied") -> str:
+    """A report stating each finding of ``modality`` as present or absent, plus a filler or two, shuffled.
+
+    ``wording="fixed"``: each finding's first sentence for its state, in the modality's finding order, then one
+    or two fillers: what a report says of the findings is a function of them, as a retriever trained from scratch
+    on a few hundred pairs needs (with varied wording it memorises the wording of its pairs instead of the
+    findings); the fillers keep reports with the same findings apart.
+    """
+    if wording == "fixed":
+        stated = [_SENTENCES[modality][f][0 if f in findings else 1][0] for f in FINDINGS[modality]]
+        filler = _FILLER[modality]
+        return " ".join(
+            stated + [filler[i] for i in sorted(rng.choice(len(filler), size=rng.integers(1, 3), replace=False))]
+        )
     sentences = [_pick(rng, _SENTENCES[modality][f][0]) for f in FINDINGS[modality] if f in findings]
     absent = [f for f in FINDINGS[modality] if f not in findings]
     for joint, options in _JOINT_ABSENCES.get(modality, {}).items():
@@ -845,16 +884,36 @@ def compose_report(modality: str, findings: Sequence[str], rng: np.random.Genera
     return " ".join(sentences[i] for i in rng.permutation(len(sentences)))
 
 
-def compose_questions(modality: str, findings: Sequence[str], n: int, rng: np.random.Generator) -> list[dict]:
+def compose_questions(
+    modality: str, findings: Sequence[str], n: int, rng: np.random.Generator, style: str = "balanced"
+) -> list[dict]:
     """``n`` yes/no questions ``{"question", "answer": bool, "finding"}`` about distinct findings.
 
-    Answers alternate yes/no within an image, starting at random, so a set of images is balanced whatever its
-    findings: a "yes" about an absent finding is asked as "is it free of ...?".
+    ``balanced``: answers alternate yes/no within an image, starting at random, so a set of images is balanced
+    whatever its findings: a "yes" about an absent finding is asked as "is it free of ...?".
+    ``presence``: every question asks whether a finding is there; answers still alternate where the image allows
+    (a "yes" needs a present finding, so an image without findings gets only "no"). The answer then follows from
+    the finding alone, not from the finding and the wording together, which a small model learns far sooner.
     """
     names = FINDINGS[modality]
     order = rng.permutation(len(names))
     first_yes = bool(rng.random() < 0.5)
     questions = []
+    if style == "presence":
+        present = [names[i] for i in order if names[i] in findings]
+        absent = [names[i] for i in order if names[i] not in findings]
+        for k in range(n):
+            wants_yes = (k % 2 == 0) == first_yes
+            pool = present if (wants_yes and present) or not absent else absent
+            finding = pool.pop(0) if len(pool) > 1 else pool[0]
+            questions.append(
+                {
+                    "question": _pick(rng, _QUESTIONS[modality][finding][False]),
+                    "answer": finding in findings,
+                    "finding": finding,
+                }
+            )
+        return questions
     for k in range(n):
         finding = names[order[k % len(names)]]
         answer = (k % 2 == 0) == first_yes
@@ -886,6 +945,10 @@ def _json_list(records: list[dict]) -> str:
     return json.dumps(records, indent=4, ensure_ascii=False)
 
 
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
 def _retriever_record(modality: str, index: int, record_id: str, image: str, report: str, split: str, findings):
     """One retriever pair in its modality's release form."""
     extra = {"split": split, "modality": modality, "findings": list(findings)}
@@ -905,6 +968,7 @@ def make_phantoms(config: PhantomConfig) -> dict:
         training/retriever/<modality>/<modality>_{train,val}.json
         test/report/<modality>_test.json
         test/vqa/<modality>_test.jsonl
+        training/vqa/<modality>_{train,val}.jsonl   (only with train_questions_per_image > 0)
         manifest.json
     """
     with claim_outputs("make-phantoms", directories=[config.out]):
@@ -922,7 +986,7 @@ def _make_phantoms(config: PhantomConfig) -> dict:
         modality_seed = list(FINDINGS).index(modality)
         splits = [split for split in SPLITS for _ in range(counts[modality][split])]
         by_split: dict[str, list[dict]] = {split: [] for split in SPLITS}
-        vqa: list[dict] = []
+        questions: dict[str, list[dict]] = {split: [] for split in SPLITS}
         style = _VQA_STYLE[modality]
         for index, split in enumerate(splits):
             # Separate streams, so a change in drawing does not reword the reports, nor the reverse.
@@ -934,7 +998,7 @@ def _make_phantoms(config: PhantomConfig) -> dict:
             with atomic_path(out / "images" / relative) as tmp:
                 image.save(tmp, format="PNG")
             text_rng = np.random.default_rng(text_seed)
-            report = compose_report(modality, findings, text_rng)
+            report = compose_report(modality, findings, text_rng, config.report_wording)
             if split == "test":
                 by_split[split].append(
                     {
@@ -946,30 +1010,33 @@ def _make_phantoms(config: PhantomConfig) -> dict:
                         "findings": findings,
                     }
                 )
-                for question in compose_questions(modality, findings, config.questions_per_image, text_rng):
-                    vqa.append(
-                        {
-                            "question_id": len(vqa) + 1,
-                            "question": question["question"] + style[0],
-                            "answer": style[1] if question["answer"] else style[2],
-                            "image": relative,
-                            "report": report,
-                            "text": question["question"] + _OPTIONS,
-                            "modality": modality,
-                            "finding": question["finding"],
-                        }
-                    )
             else:
                 by_split[split].append(_retriever_record(modality, index, record_id, relative, report, split, findings))
+            asked = config.questions_per_image if split == "test" else config.train_questions_per_image
+            for question in (
+                compose_questions(modality, findings, asked, text_rng, config.question_style) if asked else ()
+            ):
+                questions[split].append(
+                    {
+                        "question_id": len(questions[split]) + 1,
+                        "question": question["question"] + style[0],
+                        "answer": style[1] if question["answer"] else style[2],
+                        "image": relative,
+                        "report": report,
+                        "text": question["question"] + _OPTIONS,
+                        "modality": modality,
+                        "finding": question["finding"],
+                    }
+                )
             progress.update()
         for split in ("train", "val"):
             path = out / "training" / "retriever" / modality / f"{modality}_{split}.json"
             atomic_write_text(path, _json_list(by_split[split]))
         atomic_write_text(out / "test" / "report" / f"{modality}_test.json", _json_list(by_split["test"]))
-        atomic_write_text(
-            out / "test" / "vqa" / f"{modality}_test.jsonl",
-            "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in vqa),
-        )
+        atomic_write_text(out / "test" / "vqa" / f"{modality}_test.jsonl", _jsonl(questions["test"]))
+        if config.train_questions_per_image:
+            for split in ("train", "val"):
+                atomic_write_text(out / "training" / "vqa" / f"{modality}_{split}.jsonl", _jsonl(questions[split]))
     progress.close()
 
     config_dict = asdict(config)
@@ -1035,3 +1102,36 @@ def write_grid(
     with atomic_path(out_png) as tmp:
         figure.savefig(tmp, format="png")
     return out_png
+
+
+def wording() -> list[str]:
+    """Every sentence and question the phantoms can write: the vocabulary a model trained on them meets."""
+    lines = [
+        sentence
+        for table in (_SENTENCES, _QUESTIONS)
+        for by_finding in table.values()
+        for options in by_finding.values()
+        for side in options
+        for sentence in side
+    ]
+    lines += [sentence for fillers in _FILLER.values() for sentence in fillers]
+    lines += [sentence for joint in _JOINT_ABSENCES.values() for options in joint.values() for sentence in options]
+    return lines
+
+
+def findings_in_report(modality: str, report: str) -> dict[str, bool]:
+    """What a phantom report says of each finding of ``modality``: True present, False absent (sentence lookup).
+
+    Every phantom report states every finding, so this reads a report back exactly; the demo uses it to ask how
+    often the retrieved reports are right about the finding a question asks of.
+    """
+    said: dict[str, bool] = {}
+    for finding, (present, absent) in _SENTENCES[modality].items():
+        if any(sentence in report for sentence in present):
+            said[finding] = True
+        elif any(sentence in report for sentence in absent):
+            said[finding] = False
+    for joint, options in _JOINT_ABSENCES.get(modality, {}).items():
+        if any(sentence in report for sentence in options):
+            said.update({finding: False for finding in joint})
+    return said

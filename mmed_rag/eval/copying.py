@@ -51,7 +51,10 @@ class Share:
         p, n = self.count / self.total, self.total
         centre = (p + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return max(0.0, centre - half), min(1.0, centre + half)
+        # At p = 0 or 1 the bound is exact; computing it leaves a rounding residue (3e-18) outside the point.
+        low = 0.0 if self.count == 0 else max(0.0, centre - half)
+        high = 1.0 if self.count == self.total else min(1.0, centre + half)
+        return low, high
 
     def to_dict(self) -> dict:
         return {"value": self.value, "count": self.count, "total": self.total, "ci95": list(self.interval())}

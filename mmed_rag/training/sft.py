@@ -31,6 +31,7 @@ import gc
 import logging
 import random
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -337,6 +338,7 @@ def _trainer_args(config: SFTConfig, stage: SFTStage, checkpoints: Path):
         report_to=[] if config.report_to in ("", "none") else config.report_to.split(","),
         dataloader_num_workers=config.workers,
         run_name=f"{Path(config.output_dir).name}-{stage.name}",
+        disable_tqdm=not sys.stderr.isatty(),  # in a log file, the Trainer's log lines instead of a redrawn bar
     )
 
 
