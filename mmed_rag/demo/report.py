@@ -129,9 +129,10 @@ def _mean_interval(values: list[float]) -> tuple[float, float, float] | None:
     """Mean and a t-based 95% interval over seeds (None below two seeds)."""
     if len(values) < 2:
         return None
-    t_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+    from scipy.stats import t
+
     mean = statistics.fmean(values)
-    half = t_975.get(len(values), 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    half = float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
     return mean, mean - half, mean + half
 
 
