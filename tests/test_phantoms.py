@@ -184,6 +184,8 @@ def test_findings_in_report_reads_every_report_back(phantoms):
         for record in all_records(phantoms, modality):
             said = findings_in_report(modality, record["report"])
             assert said == {finding: finding in record["findings"] for finding in FINDINGS[modality]}
+            # A lower-casing tokenizer's model writes the same sentences in lower case: read the same.
+            assert findings_in_report(modality, record["report"].lower()) == said
 
 
 def test_fixed_wording_presence_questions_and_training_questions(tmp_path):

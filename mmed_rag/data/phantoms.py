@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,6 +37,7 @@ from PIL import Image
 from mmed_rag.atomic import atomic_path, atomic_write_text
 from mmed_rag.config import ConfigError
 from mmed_rag.data.images import load_image
+from mmed_rag.jsonl import jsonl_text
 from mmed_rag.outputs import claim_outputs
 from mmed_rag.progress import progress_bar
 
@@ -945,10 +948,6 @@ def _json_list(records: list[dict]) -> str:
     return json.dumps(records, indent=4, ensure_ascii=False)
 
 
-def _jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-
-
 def _retriever_record(modality: str, index: int, record_id: str, image: str, report: str, split: str, findings):
     """One retriever pair in its modality's release form."""
     extra = {"split": split, "modality": modality, "findings": list(findings)}
@@ -1033,10 +1032,10 @@ def _make_phantoms(config: PhantomConfig) -> dict:
             path = out / "training" / "retriever" / modality / f"{modality}_{split}.json"
             atomic_write_text(path, _json_list(by_split[split]))
         atomic_write_text(out / "test" / "report" / f"{modality}_test.json", _json_list(by_split["test"]))
-        atomic_write_text(out / "test" / "vqa" / f"{modality}_test.jsonl", _jsonl(questions["test"]))
+        atomic_write_text(out / "test" / "vqa" / f"{modality}_test.jsonl", jsonl_text(questions["test"]))
         if config.train_questions_per_image:
             for split in ("train", "val"):
-                atomic_write_text(out / "training" / "vqa" / f"{modality}_{split}.jsonl", _jsonl(questions[split]))
+                atomic_write_text(out / "training" / "vqa" / f"{modality}_{split}.jsonl", jsonl_text(questions[split]))
     progress.close()
 
     config_dict = asdict(config)
@@ -1072,8 +1071,10 @@ def write_grid(
     image_root: str | Path,
     records_by_modality: Mapping[str, Sequence[Mapping]],
     per_modality: int = 8,
+    reports: bool = False,
 ) -> Path:
-    """A contact sheet PNG: one row per modality, its first ``per_modality`` images titled with their findings."""
+    """A contact sheet PNG: one row per modality, its first ``per_modality`` images titled with their findings;
+    with ``reports``, each image's report printed under it (wider cells; use fewer images)."""
     # matplotlib is needed only here; importing it lazily keeps data generation light. Figure + Agg canvas
     # draws without touching pyplot's global backend.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -1083,7 +1084,8 @@ def write_grid(
     columns = max((len(records) for _, records in rows), default=0)
     if columns == 0:
         raise ValueError("write_grid: no records to draw")
-    figure = Figure(figsize=(1.5 * columns + 0.4, 1.7 * len(rows)), dpi=100)
+    width, height = (2.3, 3.2) if reports else (1.5, 1.7)
+    figure = Figure(figsize=(width * columns + 0.4, height * len(rows)), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(rows), columns, squeeze=False)
     for row, (modality, records) in enumerate(rows):
@@ -1097,6 +1099,9 @@ def write_grid(
             pixels = np.asarray(load_image(image_root, _image_of(records[column])))
             axis.imshow(pixels, interpolation="nearest")
             axis.set_title(", ".join(records[column].get("findings") or ["normal"]), fontsize=7)
+            if reports:
+                text = textwrap.fill(records[column]["report"], width=44)
+                axis.text(0.5, -0.04, text, ha="center", va="top", transform=axis.transAxes, fontsize=5.5)
     figure.tight_layout()
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:
@@ -1123,15 +1128,18 @@ def findings_in_report(modality: str, report: str) -> dict[str, bool]:
     """What a phantom report says of each finding of ``modality``: True present, False absent (sentence lookup).
 
     Every phantom report states every finding, so this reads a report back exactly; the demo uses it to ask how
-    often the retrieved reports are right about the finding a question asks of.
+    often the retrieved reports are right about the finding a question asks of, and what a written report says.
+    Whole sentences are compared, case ignored: a model whose tokenizer lower-cases writes "no pneumothorax."
+    for "No pneumothorax.", and "Pneumothorax is seen." must not be read inside "No pneumothorax is seen.".
     """
+    stated = {sentence.strip().lower() for sentence in re.split(r"(?<=[.!?])\s+", report)}
     said: dict[str, bool] = {}
     for finding, (present, absent) in _SENTENCES[modality].items():
-        if any(sentence in report for sentence in present):
+        if any(sentence.lower() in stated for sentence in present):
             said[finding] = True
-        elif any(sentence in report for sentence in absent):
+        elif any(sentence.lower() in stated for sentence in absent):
             said[finding] = False
     for joint, options in _JOINT_ABSENCES.get(modality, {}).items():
-        if any(sentence in report for sentence in options):
+        if any(sentence.lower() in stated for sentence in options):
             said.update({finding: False for finding in joint})
     return said

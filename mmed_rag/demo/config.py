@@ -10,6 +10,8 @@ SMOKE = {
     "retriever_epochs": 20,
     "retriever_batch_size": 16,
     "domain_epochs": 5,
+    "vision_epochs": 5,
+    "sft_image_steps": 20,
     "sft_reports_steps": 40,
     "sft_steps": 20,
     "sft_batch_size": 16,
@@ -53,16 +55,34 @@ class DemoConfig:
     adaptive_ratio: float = field(
         default=1.1, metadata={"help": "the original's ratio rule: keep report i while s_1 / s_i < this"}
     )
-    sft_reports_steps: int = field(
-        default=1200, metadata={"help": "SFT stage 1 steps: questions with retrieved reports only"}
+    vision_epochs: int = field(
+        default=15, metadata={"help": "epochs pretraining the stand-in's vision encoder on the finding labels"}
     )
-    sft_steps: int = field(default=150, metadata={"help": "SFT stage 2 steps: questions with and without reports"})
+    sft_image_steps: int = field(default=400, metadata={"help": "SFT stage 1 steps: questions without reports"})
+    sft_reports_steps: int = field(
+        default=800,
+        metadata={"help": "SFT stage 2 steps: questions and reports to write, each with a retrieved report"},
+    )
+    sft_steps: int = field(
+        default=250, metadata={"help": "SFT stage 3 steps: questions and reports to write, with and without reports"}
+    )
+    sft_report_share: float = field(
+        default=0.5,
+        metadata={"help": "SFT stage 2: share of the reports to write (with a reference) per pass (questions: all)"},
+    )
     sft_plain_share: float = field(
         default=0.25,
-        metadata={"help": "SFT stage 2: share of the questions without reports per pass (with reports: all)"},
+        metadata={"help": "SFT stage 3: share of the questions without reports per pass (with reports: all)"},
+    )
+    sft_mix_report_share: float = field(
+        default=0.15,
+        metadata={
+            "help": "SFT stage 3: share of the reports to write per pass, with and without a reference each (a "
+            "report has some 30 answer tokens to a question's one: a small share keeps the questions in the loss)"
+        },
     )
     sft_learning_rate: float = field(
-        default=1e-3, metadata={"help": "SFT peak learning rate (tiny model: high; stage 2 at half)"}
+        default=1e-3, metadata={"help": "SFT peak learning rate (tiny model: high; stage 3 at half)"}
     )
     sft_batch_size: int = field(default=32, metadata={"help": "SFT rows per step"})
     dpo_steps: int = field(default=40, metadata={"help": "optimizer steps per RAG-PT stage"})

@@ -27,30 +27,15 @@ import yaml
 from mmed_rag.atomic import atomic_write_text
 from mmed_rag.config import save_config
 from mmed_rag.demo.config import DemoConfig
+from mmed_rag.demo.standin import STANDIN_TEXT, STANDIN_VISION
 from mmed_rag.demo.steps import StepRunner
+from mmed_rag.jsonl import read_jsonl, write_jsonl
 from mmed_rag.outputs import claim_outputs
 
 logger = logging.getLogger(__name__)
 
 MODALITIES = ("radiology", "pathology", "ophthalmology")
 PREFIX = {"radiology": "rad", "pathology": "path", "ophthalmology": "oph"}
-#: The stand-in's shapes: 64-px images in 8-px patches (64 image tokens), a 3-layer text model; ~1M parameters.
-#: Text head_dim 32 (128 / 4 heads).
-STANDIN_VISION = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "image_size": 64,
-    "patch_size": 8,
-}
-STANDIN_TEXT = {
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
 #: Test-split runs. "no RAG" and the noised runs feed the copy-reliance analysis; rag_fixed is MMed-RAG as deployed
 #: here (fixed k), rag_adaptive uses the original's ratio rule.
 TEST_MODES = {
@@ -60,16 +45,13 @@ TEST_MODES = {
     "rag_noised": {"noised_image": True},
     "no_rag_noised": {"no_retrieval": True, "noised_image": True},
 }
+#: Report-writing runs on the test images (a report is some 30 tokens; 96 leaves room for a rambling one).
+REPORT_MODES = {
+    "no_rag": {"no_retrieval": True, "max_new_tokens": 96},
+    "rag_fixed": {"max_new_tokens": 96},
+}
 #: The three runs on the tuning split that make-pairs compares.
 PAIR_MODES = {"with_retrieval": {}, "without_retrieval": {"no_retrieval": True}, "noised": {"noised_image": True}}
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 class Demo:
@@ -104,12 +86,13 @@ class Demo:
         params = {"phantoms": vars(phantoms)}
         manifest = self.steps.run("phantoms", lambda: make_phantoms(phantoms), params=params, outputs=[self.data])
         self.steps.run(
-            "questions", self._questions, params={"version": 2}, inputs=[self.data], outputs=[self.work / "questions"]
+            "questions", self._questions, params={"version": 3}, inputs=[self.data], outputs=[self.work / "questions"]
         )
         return manifest
 
     def _questions(self) -> dict:
-        """Combined question files with ids unique across modalities, and the tuning split halved by image."""
+        """Combined question files with ids unique across modalities, the tuning split halved by image, and the
+        test reports of all modalities in one file (their ids are unique already)."""
         folder = self.work / "questions"
         test, train, tune_sft, tune_pt = [], [], {}, []
         for modality in MODALITIES:
@@ -118,21 +101,24 @@ class Demo:
             def renamed(rows: list[dict], prefix: str = prefix) -> list[dict]:
                 return [{**row, "question_id": f"{prefix}-{row['question_id']}"} for row in rows]
 
-            test += renamed(_jsonl(self.data / f"test/vqa/{modality}_test.jsonl"))
-            train_modality = renamed(_jsonl(self.data / f"training/vqa/{modality}_train.jsonl"))
-            _write_jsonl(folder / f"train_{modality}.jsonl", train_modality)
+            test += renamed(read_jsonl(self.data / f"test/vqa/{modality}_test.jsonl"))
+            train_modality = renamed(read_jsonl(self.data / f"training/vqa/{modality}_train.jsonl"))
+            write_jsonl(folder / f"train_{modality}.jsonl", train_modality)
             train += train_modality
-            tuning = renamed(_jsonl(self.data / f"training/vqa/{modality}_val.jsonl"))
+            tuning = renamed(read_jsonl(self.data / f"training/vqa/{modality}_val.jsonl"))
             images = sorted({row["image"] for row in tuning})
             sft_images = set(images[0::2])
             tune_sft[modality] = [row for row in tuning if row["image"] in sft_images]
             tune_pt += [row for row in tuning if row["image"] not in sft_images]
-        _write_jsonl(folder / "test_vqa.jsonl", test)
-        _write_jsonl(folder / "train_vqa.jsonl", train)
-        _write_jsonl(folder / "tune_pt_vqa.jsonl", tune_pt)
+        write_jsonl(folder / "test_vqa.jsonl", test)
+        reports = [record for modality in MODALITIES for record in json.loads(self._test_reports(modality).read_text())]
+        atomic_write_text(folder / "test_report.json", json.dumps(reports, indent=1, ensure_ascii=False))
+        write_jsonl(folder / "train_vqa.jsonl", train)
+        write_jsonl(folder / "tune_pt_vqa.jsonl", tune_pt)
         for modality, rows in tune_sft.items():
-            _write_jsonl(folder / f"tune_sft_{modality}.jsonl", rows)
-        counts = {"test": len(test), "train": len(train), "tune_sft": sum(map(len, tune_sft.values()))}
+            write_jsonl(folder / f"tune_sft_{modality}.jsonl", rows)
+        counts = {"test": len(test), "test_reports": len(reports), "train": len(train)}
+        counts["tune_sft"] = sum(map(len, tune_sft.values()))
         counts["tune_pt"] = len(tune_pt)
         return counts
 
@@ -250,7 +236,8 @@ class Demo:
     # -- 3. the stand-in Med-LVLM ---------------------------------------------------------------------------------
 
     def sft_data(self) -> dict:
-        """Conversations: every training and tuning-half question with retrieved reports, and without."""
+        """Conversations: every training and tuning-half question, and its image's report, with retrieved reports
+        and without."""
         from mmed_rag.retrieval.batch import RetrieveConfig, retrieve
 
         retrieved = []
@@ -279,14 +266,16 @@ class Demo:
         return self.steps.run(
             "sft-data",
             lambda: _conversations(retrieved, folder, self.config.fixed_k),
-            params={"version": 3, "fixed_k": self.config.fixed_k},
+            params={"version": 4, "fixed_k": self.config.fixed_k},
             inputs=retrieved,
-            outputs=[folder / "with_reports.json", folder / "without_reports.json"],
+            outputs=[folder / name for name in SFT_FILES.values()],
         )
 
     def standin(self, seed: int) -> Path:
-        """A small LLaVA from config, then SFT on the conversations: the Med-LVLM the rest of the demo uses."""
+        """A small LLaVA from config, its vision encoder pretrained, then SFT on the conversations: the Med-LVLM
+        the rest of the demo uses."""
         from mmed_rag.data.phantoms import wording
+        from mmed_rag.demo.standin import pretrain_vision
         from mmed_rag.testing import save_tiny_llava
         from mmed_rag.training.sft import SFTConfig, train_sft
 
@@ -300,32 +289,61 @@ class Demo:
             params={"seed": seed, "vision": STANDIN_VISION, "text": STANDIN_TEXT, "vocabulary": wording()},
             outputs=[base],
         )
-        reports, plain = self.work / "sft" / "with_reports.json", self.work / "sft" / "without_reports.json"
+        vision = self.out / "models" / f"vision-seed{seed}"
+        train_records = [self.data / f"training/retriever/{m}/{m}_train.json" for m in MODALITIES]
+        val_records = [self.data / f"training/retriever/{m}/{m}_val.json" for m in MODALITIES]
+        self.steps.run(
+            f"pretrain-vision-seed{seed}",
+            lambda: pretrain_vision(
+                base, train_records, val_records, self.images, vision, epochs=config.vision_epochs, seed=seed
+            )["val_auc"],
+            params={"epochs": config.vision_epochs, "seed": seed},
+            inputs=[base, *train_records, *val_records, self.images],
+            outputs=[vision],
+        )
+        sft_files = {key: self.work / "sft" / name for key, name in SFT_FILES.items()}
+        vqa_with, vqa_plain = sft_files["vqa", True], sft_files["vqa", False]
         output = self.out / "models" / f"sft-seed{seed}"
-        # Two stages. A model this small that sees questions without reports first learns only the prior answer
-        # (measured: 900 steps on a mix with a fifth of the rows carrying reports left every answer "No"). On rows
-        # with one report alone, reading emerges slowly: no better than the prior after 400 steps, 0.75 test
-        # accuracy with RAG after 1500 (batch 32, learning rate 1e-3; three reports: nothing after 600 steps). So:
-        # read reports first, then answer with and without them, as a Med-LVLM used with RAG meets its prompts.
+        # Three stages, the vision encoder frozen throughout (as LLaVA's SFT keeps it). A model this small that
+        # meets questions with and without reports from the start learns only the prior answer (measured: 900
+        # steps on a mix with a fifth of the rows carrying reports left every answer "No"). So: first answer from
+        # the image alone ("image"); then read one retrieved report, to answer and to write a report ("reports":
+        # on question rows alone reading emerged slowly, no better than the prior after 400 steps; a stage of
+        # report writing alone after it cost 4 points of accuracy with RAG and the reports stayed generic); then
+        # everything a Med-LVLM used with RAG meets: questions with and without reports, reports to write with
+        # and without a reference.
         sft = SFTConfig(
-            model=str(base),
+            model=str(vision),
             image_folder=str(self.images),
             output_dir=str(output),
             stages=(
                 {
+                    "name": "image",
+                    "data": [str(vqa_plain)],
+                    "max_steps": config.sft_image_steps,
+                    "learning_rate": config.sft_learning_rate,
+                    "trainable": "language_model",
+                },
+                {
                     "name": "reports",
-                    "data": [str(reports)],
+                    "data": [str(vqa_with), str(sft_files["report", True])],
+                    "mix": [1.0, config.sft_report_share],
                     "max_steps": config.sft_reports_steps,
                     "learning_rate": config.sft_learning_rate,
-                    "trainable": "full",
+                    "trainable": "language_model",
                 },
                 {
                     "name": "standin",
-                    "data": [str(reports), str(plain)],
-                    "mix": [1.0, config.sft_plain_share],
+                    "data": [
+                        str(vqa_with),
+                        str(vqa_plain),
+                        str(sft_files["report", True]),
+                        str(sft_files["report", False]),
+                    ],
+                    "mix": [1.0, config.sft_plain_share, config.sft_mix_report_share, config.sft_mix_report_share],
                     "max_steps": config.sft_steps,
                     "learning_rate": config.sft_learning_rate / 2,
-                    "trainable": "full",
+                    "trainable": "language_model",
                 },
             ),
             batch_size=config.sft_batch_size,
@@ -338,7 +356,7 @@ class Demo:
             f"sft-seed{seed}",
             lambda: str(train_sft(sft)["final"]),
             params={"sft": vars(sft)},
-            inputs=[base, reports, plain, self.images],
+            inputs=[vision, *sft_files.values(), self.images],
             outputs=[output],  # every stage: changed inputs redo them all
         )
         return output / "standin"
@@ -406,13 +424,46 @@ class Demo:
             outputs=[out / "copying"],
         )
 
+    def evaluate_reports(self, name: str, runs: dict[str, Path], out: Path) -> None:
+        """Report metrics (BLEU, ROUGE-L, METEOR, CIDEr) of each report run; they need Java (``make java``)."""
+        from mmed_rag.eval.report import MetricUnavailableError, require_java
+        from mmed_rag.eval.run import EvalConfig, evaluate
+
+        try:
+            require_java()
+        except MetricUnavailableError as error:
+            logger.warning("report metrics skipped: %s", error)
+            return
+        for mode, path in runs.items():
+            evaluation = EvalConfig(task="report", pred=(str(path),), out=str(out / mode), clinical_f1=False)
+            self.steps.run(
+                f"{name}-{mode}",
+                lambda evaluation=evaluation: evaluate(evaluation).metrics["overall"],
+                params={"eval": vars(evaluation)},
+                inputs=[path],
+                outputs=[out / mode],
+            )
+
     def test_runs(self, seed: int, model: Path, phase: str, adapter: Path | None = None) -> dict[str, Path]:
         source = self.work / "questions" / "test_vqa.jsonl"
+        folder = self.out / f"seed{seed}"
         runs = {}
         for mode, options in TEST_MODES.items():
-            runs[mode] = self.out / f"seed{seed}" / "runs" / phase / f"{mode}.jsonl"
+            runs[mode] = folder / "runs" / phase / f"{mode}.jsonl"
             self.generate(f"generate-{phase}-{mode}-seed{seed}", model, source, runs[mode], options, adapter)
-        self.evaluate(f"eval-{phase}-seed{seed}", runs, self.out / f"seed{seed}" / "eval" / phase)
+        self.evaluate(f"eval-{phase}-seed{seed}", runs, folder / "eval" / phase)
+        reports = {}
+        for mode, options in REPORT_MODES.items():
+            reports[mode] = folder / "runs" / phase / f"report_{mode}.jsonl"
+            self.generate(
+                f"generate-{phase}-report_{mode}-seed{seed}",
+                model,
+                self.work / "questions" / "test_report.json",
+                reports[mode],
+                options,
+                adapter,
+            )
+        self.evaluate_reports(f"eval-{phase}-seed{seed}-report", reports, folder / "eval" / phase / "report")
         return runs
 
     # -- 5. RAG-PT -----------------------------------------------------------------------------------------------
@@ -504,42 +555,62 @@ def shuffle_rows(directory: Path, seed: int) -> None:
     from mmed_rag.fingerprint import file_sha256
 
     reports = directory / "reports.jsonl"
-    rows = _jsonl(reports)
+    rows = read_jsonl(reports)
     contents = [{key: value for key, value in row.items() if key != "row"} for row in rows]
     random.Random(seed).shuffle(contents)
-    _write_jsonl(reports, [{"row": row["row"], **content} for row, content in zip(rows, contents, strict=True)])
+    write_jsonl(reports, [{"row": row["row"], **content} for row, content in zip(rows, contents, strict=True)])
     manifest = json.loads((directory / "manifest.json").read_text())
     manifest["files"]["reports.jsonl"] = file_sha256(reports)
     manifest["shuffled_rows_seed"] = seed
     atomic_write_text(directory / "manifest.json", json.dumps(manifest, indent=2))
 
 
+#: SFT conversation files the sft-data step writes: (task, with retrieved reports) -> file name in work/sft.
+SFT_FILES = {
+    ("vqa", True): "with_reports.json",
+    ("vqa", False): "without_reports.json",
+    ("report", True): "reports_with_reports.json",
+    ("report", False): "reports_without_reports.json",
+}
+
+
 def _conversations(retrieved: list[Path], folder: Path, k: int) -> dict:
-    """LLaVA conversations in MMed-RAG's prompt format (the same human turn ``generate`` builds): each question
-    with ``k`` retrieved reports other than its image's own (``with_reports.json``), and without reports
-    (``without_reports.json``)."""
+    """LLaVA conversations in MMed-RAG's prompt formats (the same human turns ``generate`` builds), one file per
+    entry of :data:`SFT_FILES`: each question, and each image's report (written once per image), with ``k``
+    retrieved reports other than the image's own, and without reports."""
     from mmed_rag.generation.prompts import build_prompt
 
-    def conversation(row: dict, reports: list[str], tag: str) -> dict:
-        human = build_prompt("vqa", row["modality"], row["question"], reports)
+    def conversation(row: dict, task: str, reports: list[str], tag: str) -> dict:
+        question = row["question"] if task == "vqa" else None
+        answer = row["answer"] if task == "vqa" else row["report"]
+        key = row["question_id"] if task == "vqa" else f"{row['image']}-report"
         return {
-            "id": f"{row['question_id']}-{tag}",
+            "id": f"{key}-{tag}",
             "image": row["image"],
-            "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": row["answer"]}],
+            "conversations": [
+                {"from": "human", "value": build_prompt(task, row["modality"], question, reports)},
+                {"from": "gpt", "value": answer},
+            ],
         }
 
-    with_reports, plain, own_dropped = [], [], 0
+    rows = {key: [] for key in SFT_FILES}
+    own_dropped, images = 0, set()
     for path in retrieved:
-        for row in _jsonl(path):
+        for row in read_jsonl(path):
             others = [report for report in row["reference_reports"] if report != row["report"]]
             own_dropped += len(others) < len(row["reference_reports"])
-            with_reports.append(conversation(row, others[:k], "rag"))
-            plain.append(conversation(row, [], "plain"))
-    atomic_write_text(folder / "with_reports.json", json.dumps(with_reports, indent=1, ensure_ascii=False))
-    atomic_write_text(folder / "without_reports.json", json.dumps(plain, indent=1, ensure_ascii=False))
+            others = others[:k]
+            tasks = ("vqa",) if row["image"] in images else ("vqa", "report")
+            images.add(row["image"])
+            for task in tasks:
+                rows[task, True].append(conversation(row, task, others, "rag"))
+                rows[task, False].append(conversation(row, task, [], "plain"))
+    for key, name in SFT_FILES.items():
+        atomic_write_text(folder / name, json.dumps(rows[key], indent=1, ensure_ascii=False))
     return {
-        "rows": len(plain) + len(with_reports),
-        "with_reports": len(with_reports),
+        "rows": sum(map(len, rows.values())),
+        "with_reports": len(rows["vqa", True]),
+        "report_rows": len(rows["report", True]) + len(rows["report", False]),
         "own_report_dropped": own_dropped,
     }
 

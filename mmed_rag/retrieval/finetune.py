@@ -54,6 +54,7 @@ from mmed_rag.device import resolve_device
 from mmed_rag.divergence import DivergedError, check_gradients, check_loss, check_parameters
 from mmed_rag.errors import MMedRAGError, first_few
 from mmed_rag.fingerprint import file_sha256
+from mmed_rag.jsonl import read_jsonl
 from mmed_rag.outputs import claim_outputs
 from mmed_rag.progress import progress_bar
 from mmed_rag.retrieval.clip import WEIGHTS_FILE, create_clip, load_clip_weights, save_clip
@@ -455,7 +456,7 @@ def _read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def _write_metrics(run_dir: Path, lines: list[dict]) -> None:
