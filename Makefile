@@ -45,10 +45,10 @@ java:
 test: install java
 	$(BIN)/python -m pytest -q tests
 
-demo: install
+demo: install java
 	$(BIN)/mmed-rag demo --out $(DEMO_OUT)
 
-demo-smoke: install
+demo-smoke: install java
 	$(BIN)/mmed-rag demo --smoke --out $(DEMO_OUT)-smoke
 
 # Copy the latest demo's verdict, VQA table and plots into README.md ("What the demo shows").
