@@ -111,8 +111,12 @@ def test_written_reports_figures_equal_a_recomputation(smoke):
         # The text metrics are the eval stage's own (Java runs them; CI installs it with `make java`).
         phase, mode = run.split("/report_")
         metrics = json.loads((smoke / "seed0/eval" / phase / "report" / mode / "metrics.json").read_text())
-        assert reports[condition]["metrics"]["overall"]["BLEU-4"] == metrics["overall"]["BLEU-4"]
-        assert f"{metrics['overall']['METEOR']:.3f}" in report
+        mine = reports[condition]["metrics"]["overall"]["BLEU-4"]
+        assert [mine["value"], mine["low"], mine["high"]] == [
+            metrics["overall"]["BLEU-4"],
+            *metrics["overall"]["ci95"]["BLEU-4"],
+        ]
+        assert f"{metrics['overall']['METEOR']:.3f} [{metrics['overall']['ci95']['METEOR'][0]:.3f}, " in report
 
 
 def test_reports_right_is_what_the_prompts_held(smoke):

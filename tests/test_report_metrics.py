@@ -111,6 +111,26 @@ def test_corpus_scores_equal_pycocoevalcap_called_directly(handwritten):
 
 
 @needs_java
+def test_bootstrap_intervals_are_percentiles_of_each_resample_scored_as_a_corpus(scorer, direct_meteor):
+    import numpy as np
+
+    bootstrap, seed = 7, 3
+    ours = scorer.score(PREDICTIONS, REFERENCES, ids=IDS, bootstrap=bootstrap, seed=seed)
+    assert ours.corpus == scorer.score(PREDICTIONS, REFERENCES, ids=IDS).corpus  # the point is unchanged
+    resampled = {name: [] for name in ALL_METRICS}
+    for rows in np.random.default_rng(seed).integers(0, len(PREDICTIONS), size=(bootstrap, len(PREDICTIONS))):
+        corpus, _ = _direct([PREDICTIONS[r] for r in rows], [REFERENCES[r] for r in rows], direct_meteor)
+        for name in ALL_METRICS:
+            resampled[name].append(corpus[name])
+    assert list(ours.intervals) == list(ALL_METRICS)
+    for name, values in resampled.items():
+        expected = (np.percentile(values, 2.5), np.percentile(values, 97.5))
+        assert ours.intervals[name] == pytest.approx(expected, abs=1e-12, rel=0), name
+        assert ours.intervals[name][0] < ours.intervals[name][1]
+    assert scorer.score(PREDICTIONS, REFERENCES, ids=IDS).intervals == {}
+
+
+@needs_java
 def test_per_example_rows_carry_the_ids_and_pycocoevalcap_per_example_scores(handwritten):
     ours, (_, direct_rows) = handwritten
     assert [row["id"] for row in ours.per_example] == IDS

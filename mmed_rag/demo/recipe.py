@@ -435,7 +435,13 @@ class Demo:
             logger.warning("report metrics skipped: %s", error)
             return
         for mode, path in runs.items():
-            evaluation = EvalConfig(task="report", pred=(str(path),), out=str(out / mode), clinical_f1=False)
+            evaluation = EvalConfig(
+                task="report",
+                pred=(str(path),),
+                out=str(out / mode),
+                clinical_f1=False,
+                report_bootstrap=self.config.report_bootstrap,
+            )
             self.steps.run(
                 f"{name}-{mode}",
                 lambda evaluation=evaluation: evaluate(evaluation).metrics["overall"],
@@ -453,7 +459,8 @@ class Demo:
             self.generate(f"generate-{phase}-{mode}-seed{seed}", model, source, runs[mode], options, adapter)
         self.evaluate(f"eval-{phase}-seed{seed}", runs, folder / "eval" / phase)
         reports = {}
-        for mode, options in REPORT_MODES.items():
+        # After RAG-PT only the reports with RAG are compared (the adapter is trained on prompts with reports).
+        for mode, options in REPORT_MODES.items() if phase == "before" else [("rag_fixed", REPORT_MODES["rag_fixed"])]:
             reports[mode] = folder / "runs" / phase / f"report_{mode}.jsonl"
             self.generate(
                 f"generate-{phase}-report_{mode}-seed{seed}",

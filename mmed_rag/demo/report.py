@@ -93,6 +93,12 @@ def _report_findings(run: Path) -> dict:
     return shares
 
 
+def _text_metric(block: dict, name: str) -> dict:
+    """``{"value", "low", "high"}`` of a report metric in an eval group (no interval without a bootstrap)."""
+    low, high = block.get("ci95", {}).get(name, (None, None))
+    return {"value": block[name], "low": low, "high": high}
+
+
 def _report_figures(folder: Path) -> dict:
     """Per condition: the findings the reports state right, and the text metrics when they were computed."""
     runs = {
@@ -110,7 +116,7 @@ def _report_figures(folder: Path) -> dict:
         if metrics.is_file():
             loaded = _load(metrics)
             figures[condition]["metrics"] = {
-                group: {name: block[name] for name in REPORT_METRICS}
+                group: {name: _text_metric(block, name) for name in REPORT_METRICS}
                 for group, block in {"overall": loaded["overall"], **loaded["by_modality"]}.items()
             }
     return figures
@@ -244,7 +250,8 @@ def verdicts(figures: dict) -> list[tuple[str, str, str]]:
         metrics = ""
         if "metrics" in plain and "metrics" in rag:
             metrics = "; " + ", ".join(
-                f"{name} {plain['metrics']['overall'][name]:.3f} -> {rag['metrics']['overall'][name]:.3f}"
+                f"{name} {plain['metrics']['overall'][name]['value']:.3f} -> "
+                f"{rag['metrics']['overall'][name]['value']:.3f}"
                 for name in ("BLEU-4", "ROUGE-L", "METEOR")
             )
         rows.append(
@@ -431,7 +438,7 @@ def plot_copying(figures: dict, path: Path) -> Path:
     return path
 
 
-def _report_section(reports: dict) -> list[str]:
+def _report_section(reports: dict, config: dict) -> list[str]:
     """Report generation: the findings stated right per modality (with intervals), and the text metrics."""
     conditions = [condition for condition in CONDITIONS if condition in reports]
     if not conditions:
@@ -455,14 +462,17 @@ def _report_section(reports: dict) -> list[str]:
         return [*lines, "", "Text metrics not computed: they need Java (`make java`).", ""]
     lines += [
         "",
-        "Text metrics (pycocoevalcap, corpus level, overall; per modality in `report.json`):",
+        "Text metrics (pycocoevalcap, corpus level, 95% intervals from "
+        f"{config['report_bootstrap']} bootstrap resamples; CIDEr runs 0-10):",
         "",
-        "| | " + " | ".join(REPORT_METRICS) + " |",
-        "|---|" + "---|" * len(REPORT_METRICS),
+        "| | | " + " | ".join(REPORT_METRICS) + " |",
+        "|---|---|" + "---|" * len(REPORT_METRICS),
     ]
-    for condition in scored:
-        overall = reports[condition]["metrics"]["overall"]
-        lines.append(f"| {CONDITIONS[condition]} | " + " | ".join(f"{overall[n]:.3f}" for n in REPORT_METRICS) + " |")
+    for group in [*MODALITIES, "overall"]:
+        for condition in scored:
+            block = reports[condition]["metrics"][group]
+            cells = " | ".join(_cell(block[name]) for name in REPORT_METRICS)
+            lines.append(f"| {group} | {CONDITIONS[condition]} | {cells} |")
     return [*lines, ""]
 
 
@@ -486,8 +496,9 @@ def render(figures: dict, out: Path) -> str:
     lines += [f"| {claim} | **{result}** | {evidence} |" for claim, result, evidence in verdicts(figures)]
     lines += [
         "",
-        "The stand-in Med-LVLM is a ~1M-parameter LLaVA trained for minutes on 2 CPU cores, not LLaVA-Med; the "
-        "phantoms are drawn, not scanned. What transfers is the method's logic, not its effect sizes.",
+        f"The stand-in Med-LVLM is a {first['parameters'] / 1e6:.2f}M-parameter LLaVA trained for minutes on 2 CPU "
+        "cores, not LLaVA-Med; the phantoms are drawn, not scanned. What transfers is the method's logic, not its "
+        "effect sizes.",
         *_image_use(first),
         "",
         "## Data",
@@ -501,10 +512,12 @@ def render(figures: dict, out: Path) -> str:
     lines += [
         "",
         f"Questions: {questions['train']} on train images and {questions['tune_sft']} on half the tuning images "
-        f"(the stand-in's SFT, each once with {figures['config']['fixed_k']} retrieved report(s) and once without: "
-        f"{figures['sft_data']['rows']} rows; a training image's own report, which the corpus holds, is never "
-        f"among its reports), {questions['tune_pt']} on the other half (RAG-PT's pairs), {questions['test']} on "
-        "test images (every number here).",
+        f"(the stand-in's SFT, each once with {figures['config']['fixed_k']} retrieved report(s) and once without, "
+        "and each of those images' report to write, likewise: "
+        f"{figures['sft_data']['rows']} rows, {figures['sft_data'].get('report_rows', 0)} of them reports; a "
+        "training image's own report, which the corpus holds, is never among its reports), "
+        f"{questions['tune_pt']} on the other half (RAG-PT's pairs), {questions['test']} on test images and their "
+        f"{questions.get('test_reports', 0)} reports (every number here).",
         "",
         "![phantoms](data_grid.png)",
         "",
@@ -570,7 +583,7 @@ def render(figures: dict, out: Path) -> str:
             f"| {label} | " + " | ".join(_share(first["copying"][phase][name]) for phase in first["copying"]) + " |"
         )
     lines += ["", "![copy reliance](copying.png)", ""]
-    lines += _report_section(first["reports"])
+    lines += _report_section(first["reports"], config)
     pairs = first["pairs"]
     lines += ["## RAG-PT", ""]
     if pairs is None:

@@ -54,11 +54,13 @@ import shutil
 import subprocess
 from collections import Counter
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
@@ -88,6 +90,9 @@ class ReportScores:
 
     corpus: dict[str, float]
     per_example: list[dict[str, Any]]
+    #: 95% percentile bootstrap interval per metric (each resample's corpus score computed as the point's is);
+    #: empty when no bootstrap was asked for.
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def require_java(metrics: Sequence[str] = ALL_METRICS) -> str:
@@ -219,28 +224,53 @@ class ReportScorer:
         process.stderr.close()
         return stderr
 
-    def _meteor_scores(self, gts: dict, res: dict) -> tuple[float, list[float]]:
+    def _meteor_call(self, work):
+        """Run ``work(meteor)`` under pycocoevalcap's lock, turning a dead or failing Java process into
+        :class:`MetricUnavailableError` with its stderr."""
         if self._meteor is None:
             try:
                 self._meteor = Meteor()
             except OSError as exc:
                 raise MetricUnavailableError(f"METEOR could not start Java: {exc}; {JAVA_INSTALL_HINT}") from exc
+        meteor = self._meteor
         try:
-            score, scores = self._meteor.compute_score(gts, res)
+            with meteor.lock:
+                return work(meteor)
         except (OSError, ValueError) as exc:
             stderr = self.close()
             raise MetricUnavailableError(
                 f"METEOR (Java, meteor-1.5.jar) failed: {exc!r}; its stderr: {stderr or 'none'}"
             ) from exc
-        return float(score), [float(s) for s in scores]
+
+    def _meteor_stats(self, gts: dict, res: dict) -> list[str]:
+        """METEOR's sufficient statistics of each example (one SCORE round trip each: the alignment, the slow
+        part), exactly as pycocoevalcap's ``compute_score`` collects them."""
+        return self._meteor_call(lambda meteor: [meteor._stat(res[key][0], gts[key]) for key in res])
+
+    def _meteor_eval(self, stats: Sequence[str]) -> tuple[float, list[float]]:
+        """Corpus and per-example METEOR of examples given by their statistics (one EVAL round trip), as
+        pycocoevalcap's ``compute_score`` ends; a bootstrap resample reuses the statistics instead of realigning."""
+
+        def evaluate(meteor) -> tuple[float, list[float]]:
+            meteor.meteor_p.stdin.write(("EVAL" + "".join(f" ||| {stat}" for stat in stats) + "\n").encode())
+            meteor.meteor_p.stdin.flush()
+            scores = [float(meteor.meteor_p.stdout.readline().strip()) for _ in stats]
+            return float(meteor.meteor_p.stdout.readline().strip()), scores
+
+        return self._meteor_call(evaluate)
 
     def score(
         self,
         predictions: Sequence[str],
         references: Sequence[str | Sequence[str]],
         ids: Sequence[Hashable] | None = None,
+        *,
+        bootstrap: int = 0,
+        seed: int = 0,
     ) -> ReportScores:
-        """Corpus and per-example scores of ``predictions`` against ``references`` (a str or a list per example)."""
+        """Corpus and per-example scores of ``predictions`` against ``references`` (a str or a list per example);
+        with ``bootstrap``, 95% intervals from that many resamples of the examples, each scored as a corpus
+        (CIDEr's document frequencies and BLEU's length penalty from the resample; see :meth:`_bootstrap`)."""
         reference_lists, ids = _checked_inputs(predictions, references, ids)
         require_java(self.metrics)
         tokens = ptb_tokenize([*predictions, *(ref for refs in reference_lists for ref in refs)])
@@ -264,6 +294,62 @@ class ReportScorer:
                 ", ".join(map(repr, empty[:20])) + (", ..." if len(empty) > 20 else ""),
             )
 
+        meteor_stats = self._meteor_stats(gts, res) if "METEOR" in self.metrics else None
+        corpus, per_example = self._scores(gts, res, meteor_stats)
+        intervals = {}
+        if bootstrap:
+            intervals = self._bootstrap(gts, res, per_example, meteor_stats, bootstrap, seed)
+        return ReportScores(
+            corpus={name: corpus[name] for name in self.metrics},
+            per_example=[
+                {"id": ids[position], **{name: per_example[name][position] for name in self.metrics}}
+                for position in range(len(ids))
+            ],
+            intervals=intervals,
+        )
+
+    def _bootstrap(
+        self, gts: dict, res: dict, per_example: dict, meteor_stats: list[str] | None, bootstrap: int, seed: int
+    ) -> dict[str, tuple[float, float]]:
+        """Percentile 95% intervals over ``bootstrap`` resamples, each scored as :meth:`_scores` scores a corpus
+        (an example drawn twice counts twice). The per-example work is done once: BLEU's n-gram counts are cooked
+        once and reused by pycocoevalcap's own ``BleuScorer``; ROUGE-L's corpus score is the mean of the
+        per-example ones; METEOR reuses each example's statistics. CIDEr's document frequencies depend on the
+        resample, so CIDEr is rescored in full, the slow part."""
+        cooked = BleuScorer(n=4)
+        for key in res:
+            cooked.cook_append(res[key][0], gts[key])
+        rouge = np.array(per_example.get("ROUGE-L", []))
+        resampled: dict[str, list[float]] = {name: [] for name in self.metrics}
+        for rows in np.random.default_rng(seed).integers(0, len(res), size=(bootstrap, len(res))):
+            scores: dict[str, float] = {}
+            if any(name in BLEU_METRICS for name in self.metrics):
+                bleu = BleuScorer(n=4)
+                bleu.crefs, bleu.ctest = [cooked.crefs[row] for row in rows], [cooked.ctest[row] for row in rows]
+                values, _ = bleu.compute_score(option="closest", verbose=0)
+                scores.update(zip(BLEU_METRICS, map(float, values), strict=True))
+            if "ROUGE-L" in self.metrics:
+                scores["ROUGE-L"] = float(np.mean(rouge[rows]))
+            if "METEOR" in self.metrics:
+                scores["METEOR"] = self._meteor_eval([meteor_stats[row] for row in rows])[0]
+            if "CIDEr" in self.metrics:
+                scores["CIDEr"] = float(
+                    Cider().compute_score(
+                        {j: gts[row] for j, row in enumerate(rows)}, {j: res[row] for j, row in enumerate(rows)}
+                    )[0]
+                )
+            for name in self.metrics:
+                resampled[name].append(scores[name])
+        return {
+            name: (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))
+            for name, values in resampled.items()
+        }
+
+    def _scores(
+        self, gts: dict, res: dict, meteor_stats: list[str] | None
+    ) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """Corpus and per-example scores of tokenised hypotheses ``res`` against references ``gts`` (METEOR from
+        the examples' statistics, in ``res``'s order)."""
         corpus: dict[str, float] = {}
         per_example: dict[str, list[float]] = {}
         if any(name in BLEU_METRICS for name in self.metrics):
@@ -274,18 +360,11 @@ class ReportScorer:
             rouge, rouge_rows = Rouge().compute_score(gts, res)
             corpus["ROUGE-L"], per_example["ROUGE-L"] = float(rouge), [float(s) for s in rouge_rows]
         if "METEOR" in self.metrics:
-            corpus["METEOR"], per_example["METEOR"] = self._meteor_scores(gts, res)
+            corpus["METEOR"], per_example["METEOR"] = self._meteor_eval(meteor_stats)
         if "CIDEr" in self.metrics:
             cider, cider_rows = Cider().compute_score(gts, res)
             corpus["CIDEr"], per_example["CIDEr"] = float(cider), [float(s) for s in cider_rows]
-
-        return ReportScores(
-            corpus={name: corpus[name] for name in self.metrics},
-            per_example=[
-                {"id": ids[position], **{name: per_example[name][position] for name in self.metrics}}
-                for position in range(len(ids))
-            ],
-        )
+        return corpus, per_example
 
 
 def score_reports(

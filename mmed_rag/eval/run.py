@@ -53,6 +53,13 @@ class EvalConfig:
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95%% intervals (0: none)"})
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
     report_metrics: tuple[str, ...] = field(default=REPORT_METRICS, metadata={"help": "report metrics to compute"})
+    report_bootstrap: int = field(
+        default=200,
+        metadata={
+            "help": "report task: bootstrap resamples for the text metrics' 95%% intervals, each rescored as a "
+            "corpus (METEOR through Java makes them slower than VQA's; 0: none)"
+        },
+    )
     clinical_f1: bool = field(
         default=True, metadata={"help": "report task: CheXpert-label F1 (rule-based approximation) for chest X-rays"}
     )
@@ -73,8 +80,8 @@ class EvalConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.bootstrap < 0:
-            raise ConfigError("bootstrap must be 0 or more")
+        if self.bootstrap < 0 or self.report_bootstrap < 0:
+            raise ConfigError("bootstrap and report_bootstrap must be 0 or more")
         unknown = set(self.report_metrics) - set(REPORT_METRICS)
         if unknown:
             raise ConfigError(f"unknown report metric(s) {sorted(unknown)}; choose from {', '.join(REPORT_METRICS)}")
@@ -219,8 +226,12 @@ def _report(config: EvalConfig, examples: ExampleSet, out: Path) -> tuple[dict, 
                 [kept[row].prediction for row in rows],
                 [kept[row].gold for row in rows],
                 ids=[kept[row].key for row in rows],
+                bootstrap=config.report_bootstrap,
+                seed=config.seed,
             )
             result = {"n": len(rows), **scores.corpus}
+            if scores.intervals:
+                result["ci95"] = {name: list(interval) for name, interval in scores.intervals.items()}
             if config.clinical_f1:
                 chest = [row for row in rows if kept[row].modality in (None, *CHEST_XRAY_MODALITIES)]
                 if chest:
@@ -238,15 +249,14 @@ def _report(config: EvalConfig, examples: ExampleSet, out: Path) -> tuple[dict, 
     for example, row in zip(kept, per_example, strict=True):
         row.update(dataset=example.dataset, modality=example.modality, prediction=example.prediction)
     # CIDEr runs 0-10; a tenth of it shares the 0-1 axis of the others.
-    values = {
-        ("CIDEr / 10" if name == "CIDEr" else name): overall[name] / (10 if name == "CIDEr" else 1)
-        for name in config.report_metrics
+    scale = {name: 10 if name == "CIDEr" else 1 for name in config.report_metrics}
+    label = {name: "CIDEr / 10" if name == "CIDEr" else name for name in config.report_metrics}
+    values = {label[name]: overall[name] / scale[name] for name in config.report_metrics}
+    intervals = {
+        label[name]: (low / scale[name], high / scale[name]) for name, (low, high) in overall.get("ci95", {}).items()
     }
-    figures = [
-        plots.bar_chart(
-            out / "report_metrics.png", values, title=f"report metrics ({len(kept)} reports)", ylabel="score"
-        )
-    ]
+    title = f"report metrics ({len(kept)} reports{', 95% bootstrap intervals' if intervals else ''})"
+    figures = [plots.bar_chart(out / "report_metrics.png", values, intervals, title=title, ylabel="score")]
     return metrics, per_example, figures
 
 
@@ -261,7 +271,12 @@ def _report_table(metrics: dict, names: Sequence[str]) -> str:
     lines = ["| group | n | " + " | ".join([*names, *extra]) + " |", "|---" * (len(names) + len(extra) + 2) + "|"]
     for label, group in _labelled_groups(metrics):
         clinical = group.get("clinical_f1")
-        cells = [f"{group[name]:.4f}" for name in names]
+        intervals = group.get("ci95", {})
+        cells = [
+            f"{group[name]:.4f}"
+            + (f" [{intervals[name][0]:.4f}, {intervals[name][1]:.4f}]" if name in intervals else "")
+            for name in names
+        ]
         cells += [f"{clinical['micro']['f1']:.4f}", f"{clinical['macro_f1']:.4f}"] if clinical else ["n/a", "n/a"]
         lines.append(f"| {label} | {group['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
