@@ -114,3 +114,11 @@ def test_written_reports_claim_needs_the_findings_intervals_apart():
     assert "(600/1000)" in row(with_reports((600, 1000), (620, 1000)))[2]
     # No report runs (an older demo folder): no claim about them.
     assert not [r for r in verdicts(figures(seed((90, 100), (85, 100)))) if r[0].startswith("RAG makes the written")]
+
+
+def test_over_seeds_the_mean_change_decides_not_the_first_seed():
+    # Seed 0 rises (+0.05), the others fall (-0.10, -0.08): lower on average, the interval holds zero.
+    seeds = [seed((80, 100), (85, 100)), seed((90, 100), (80, 100)), seed((90, 100), (82, 100))]
+    _, result, evidence = rag_pt_row(verdicts(figures(*seeds)))
+    assert "over 3 seeds the change is -0.043" in evidence
+    assert result == "inconclusive: lower, within noise"

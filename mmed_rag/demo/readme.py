@@ -31,8 +31,11 @@ def section(figures: dict, assets: str) -> str:
     lines = [
         BEGIN,
         f"Latest `make demo` ({'smoke, ' if config['smoke'] else ''}{config['n']} phantom images, seed "
-        f"{config['seed']}, {_minutes(figures):.1f} min of steps on the machine that ran it); regenerate this "
-        "section with `make demo-readme` after `make demo`.",
+        f"{config['seed']}"
+        + (f", the SFT and RAG-PT repeated over {config['seeds']} seeds" if config["seeds"] > 1 else "")
+        + f", {_minutes(figures):.1f} min of steps on the machine that ran it"
+        + (", all seeds" if config["seeds"] > 1 else "")
+        + "); regenerate this section with `make demo-readme` after `make demo`.",
         "",
         "| claim | result | evidence |",
         "|---|---|---|",
