@@ -15,6 +15,7 @@ from mmed_rag.data.phantoms import (
     FINDINGS,
     PhantomConfig,
     findings_in_report,
+    image_of,
     make_phantoms,
     render_phantom,
     write_grid,
@@ -52,11 +53,6 @@ def read_json(path: Path):
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def image_of(record: dict) -> str:
-    image = record.get("image_path", record.get("image"))
-    return image[0] if isinstance(image, list) else image
 
 
 def all_records(out: Path, modality: str) -> list[dict]:

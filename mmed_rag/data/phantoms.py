@@ -1060,7 +1060,7 @@ def _make_phantoms(config: PhantomConfig) -> dict:
     return manifest
 
 
-def _image_of(record: Mapping) -> str:
+def image_of(record: Mapping) -> str:
     """The (first) image of a record in any of the release forms."""
     image = record.get("image_path", record.get("image"))
     return image[0] if isinstance(image, list) else image
@@ -1096,7 +1096,7 @@ def write_grid(
             axis.set_axis_off()
             if column >= len(records):
                 continue
-            pixels = np.asarray(load_image(image_root, _image_of(records[column])))
+            pixels = np.asarray(load_image(image_root, image_of(records[column])))
             axis.imshow(pixels, interpolation="nearest")
             axis.set_title(", ".join(records[column].get("findings") or ["normal"]), fontsize=7)
             if reports:

@@ -131,10 +131,10 @@ class Demo:
         config = self.config
         registry = {"modalities": {}}
         for modality in MODALITIES:
-            corpus = self.data / f"training/retriever/{modality}/{modality}_train.json"
+            corpus = self._retriever_records(modality, "train")
             finetune = FinetuneConfig(
                 train_data=str(corpus),
-                val_data=str(self.data / f"training/retriever/{modality}/{modality}_val.json"),
+                val_data=str(self._retriever_records(modality, "val")),
                 img_root=str(self.images),
                 dataset_type=modality,
                 model=config.retriever_model,
@@ -174,6 +174,10 @@ class Demo:
             }
         atomic_write_text(self.out / "registry.yaml", yaml.safe_dump(registry))
 
+    def _retriever_records(self, modality: str, split: str) -> Path:
+        """The phantom generator's image-report pairs of ``modality`` for ``split`` (train or val)."""
+        return self.data / f"training/retriever/{modality}/{modality}_{split}.json"
+
     def _test_reports(self, modality: str) -> Path:
         return self.data / f"test/report/{modality}_test.json"
 
@@ -191,8 +195,8 @@ class Demo:
         config = self.config
         files = {split: [] for split in ("train", "val", "test")}
         for modality in MODALITIES:
-            files["train"].append(f"{modality}={self.data}/training/retriever/{modality}/{modality}_train.json")
-            files["val"].append(f"{modality}={self.data}/training/retriever/{modality}/{modality}_val.json")
+            files["train"].append(f"{modality}={self._retriever_records(modality, 'train')}")
+            files["val"].append(f"{modality}={self._retriever_records(modality, 'val')}")
             files["test"].append(f"{modality}={self.data}/test/report/{modality}_test.json")
         domain = TrainDomainConfig(
             train_files=tuple(files["train"]),
@@ -290,8 +294,8 @@ class Demo:
             outputs=[base],
         )
         vision = self.out / "models" / f"vision-seed{seed}"
-        train_records = [self.data / f"training/retriever/{m}/{m}_train.json" for m in MODALITIES]
-        val_records = [self.data / f"training/retriever/{m}/{m}_val.json" for m in MODALITIES]
+        train_records = [self._retriever_records(modality, "train") for modality in MODALITIES]
+        val_records = [self._retriever_records(modality, "val") for modality in MODALITIES]
         self.steps.run(
             f"pretrain-vision-seed{seed}",
             lambda: pretrain_vision(

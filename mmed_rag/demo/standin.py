@@ -47,12 +47,12 @@ def _labelled(records_files: Sequence[Path], image_root: Path, processor, labels
     import torch
 
     from mmed_rag.data.images import load_image
+    from mmed_rag.data.phantoms import image_of
 
     images, targets = [], []
     for path in records_files:
         for record in json.loads(Path(path).read_text(encoding="utf-8")):
-            image = record.get("image_path", record.get("image"))
-            images.append(load_image(image_root, image if isinstance(image, str) else image[0]))
+            images.append(load_image(image_root, image_of(record)))
             present = {f"{record['modality']}:{finding}" for finding in record["findings"]}
             targets.append([float(label in present) for label in labels])
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
