@@ -34,7 +34,7 @@ def _diverged(stage: str, what: str, where: str, lr: float | None) -> DivergedEr
 
 def check_loss(loss: torch.Tensor | float, stage: str, where: str, lr: float | None = None) -> None:
     """Raise :class:`DivergedError` when ``loss`` is NaN or infinite."""
-    value = float(loss)
+    value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
     if not math.isfinite(value):
         raise _diverged(stage, f"the loss is {value}", where, lr)
 

@@ -10,6 +10,7 @@ stage (retrieval, prompting, generation, DPO, saving and reloading) runs end to 
 - :func:`tiny_llava` / :func:`tiny_processor`: a ``LlavaForConditionalGeneration`` (CLIP vision tower +
   Mistral text model, configured as converted LLaVA-Med) and the matching ``LlavaProcessor``.
 - :func:`tiny_clip`: an open_clip retriever built from ``model_configs/tiny-clip.json``.
+- :func:`non_medical_images`: images a user may feed a medical model by mistake, for out-of-distribution checks.
 
 Every factory is deterministic: the same call gives the same vocabulary and the same weights.
 """
@@ -25,7 +26,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
+from matplotlib import cbook
+from PIL import Image
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPImageProcessor,
@@ -252,6 +256,26 @@ def tiny_clip(seed: int = 0, model: str = "tiny-clip"):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return create_clip(model)
+
+
+def non_medical_images(size: int = 128) -> dict[str, Image.Image]:
+    """Nine images no medical modality should claim, by name: uniform noise in colour and in grey, a colour and a
+    grey gradient, white, black and grey frames, a photograph and a logo (the last two ship with matplotlib)."""
+    noise = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    ramp = np.linspace(0, 255, size)
+    across, down = np.meshgrid(ramp, ramp)
+    colour_gradient = np.stack([across, down, np.full_like(across, 128.0)], axis=-1).astype(np.uint8)
+    return {
+        "noise": Image.fromarray(noise),
+        "grey noise": Image.fromarray(noise[..., 0]).convert("RGB"),
+        "gradient": Image.fromarray(colour_gradient),
+        "grey gradient": Image.fromarray(across.astype(np.uint8)).convert("RGB"),
+        "white": Image.new("RGB", (size, size), "white"),
+        "black": Image.new("RGB", (size, size), "black"),
+        "grey": Image.new("RGB", (size, size), (128, 128, 128)),
+        "photo": Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB"),
+        "logo": Image.open(cbook.get_sample_data("logo2.png")).convert("RGB"),
+    }
 
 
 def free_port() -> int:

@@ -26,7 +26,7 @@ from mmed_rag.domain.classifier import (
     train_domain,
 )
 from mmed_rag.domain.routing import UNKNOWN, DomainPrediction, route
-from mmed_rag.testing import tiny_clip
+from mmed_rag.testing import non_medical_images, tiny_clip
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +144,37 @@ def test_an_image_it_cannot_place_is_unknown_and_the_caller_routes_it(classifier
         route(placed, "default", "ophthalmology", retrievers)
     with pytest.raises(ValueError, match="policy"):
         route(placed, "first", "radiology", retrievers)
+
+
+def test_at_the_defaults_non_medical_images_are_unknown_and_new_phantoms_are_placed(tmp_path):
+    # The distance limit is calibrated on the training images themselves, so it needs a few hundred of them per
+    # modality (the README's retriever phantoms: 467); the module's 70 per modality are too few to hold 99%.
+    data = tmp_path / "phantoms"
+    make_phantoms(PhantomConfig(out=str(data), n=2000, size=64))
+    classifier = DomainClassifier.load(
+        train_domain(
+            TrainDomainConfig(
+                train_files=data_files(data, "train"),
+                val_files=data_files(data, "val"),
+                img_root=str(data / "images"),
+                model="tiny-clip",
+                out=str(tmp_path / "classifier"),
+                device="cpu",
+            )
+        )
+    )
+    for name, image in non_medical_images().items():
+        (prediction,) = classifier.predict(image)
+        assert prediction.modality == UNKNOWN, (name, prediction)
+        assert prediction.distance > classifier.max_distance, (name, prediction)
+    # 300 phantoms the classifier has never seen (another seed of the generator): at least 99% placed, and right.
+    fresh = tmp_path / "fresh"
+    make_phantoms(PhantomConfig(out=str(fresh), n=300, size=64, seed=1))
+    images = sorted((fresh / "images").glob("*/*.png"))
+    predictions = classifier.predict(images)
+    placed = [p for p in predictions if not p.is_unknown]
+    assert len(images) == 300 and len(placed) >= 0.99 * len(images), [p for p in predictions if p.is_unknown]
+    assert all(Path(p.image).parent.name == p.modality for p in placed)
 
 
 def test_a_classifier_whose_encoder_changed_is_refused(classifier_dir, tmp_path):

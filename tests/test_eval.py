@@ -220,3 +220,29 @@ def test_runs_of_one_test_set_given_together_are_flagged(predictions, tmp_path):
     note = (result.out / "metrics.md").read_text().split("\n")[-2]
     assert note.startswith("Several prediction files answer the same questions (chest and chest_again: 4)")
     assert "tissue" not in note
+
+
+def test_word_salad_is_named_and_the_strict_rule_counts_it_unparseable(tmp_path):
+    salad = "consolidation changed bony vascularity shows being soft."  # a finding word, no sentence
+    rows = [vqa_row(1, "Yes", salad), vqa_row(2, "No", "No."), vqa_row(3, "Yes", "There is a mass.")]
+    predictions = write_jsonl(tmp_path / "p.jsonl", rows)
+    standard = evaluate(EvalConfig(task="vqa", pred=(str(predictions),), out=str(tmp_path / "standard")))
+    strict = evaluate(
+        EvalConfig(task="vqa", pred=(str(predictions),), out=str(tmp_path / "strict"), yes_no_rule="strict")
+    )
+    assert standard.metrics["overall"]["counts"]["unparseable"] == 0
+    assert standard.metrics["overall"]["accuracy"]["value"] == 1.0  # the salad happened to say "shows"
+    assert strict.metrics["overall"]["counts"]["unparseable"] == 1
+    assert strict.metrics["overall"]["accuracy"]["value"] == pytest.approx(2 / 3)
+    assert standard.metrics["read_as"] == {"bare": 1, "finding": 1, "unstructured": 1}
+    rows = [json.loads(line) for line in (tmp_path / "standard/per_example.jsonl").read_text().splitlines()]
+    assert [(row["prediction"], row["read_as"]) for row in rows] == [
+        (salad, "unstructured"),
+        ("No.", "bare"),
+        ("There is a mass.", "finding"),
+    ]
+    table = (tmp_path / "standard/metrics.md").read_text()
+    assert "Yes/no read with the standard rule (3 predictions; read as: bare 1, finding 1, unstructured 1" in table
+    assert "1 were read from a finding word in text without sentence structure" in table
+    assert "--yes-no-rule strict counts them as unparseable" in table
+    assert "1 without sentence structure were counted as unparseable" in (tmp_path / "strict/metrics.md").read_text()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mmed_rag.eval.yesno import NO, YES, first_sentence, parse_yes_no
+from mmed_rag.eval.yesno import NO, YES, first_sentence, parse_yes_no, read_yes_no
+from mmed_rag.testing import tiny_tokenizer
 
 # Written for these tests; none is copied from the released data.
 VARIANTS: list[tuple[str, str | None]] = [
@@ -239,6 +240,54 @@ def test_released_answers_parse_to_gold(release_dir: Path, filename: str, hand_l
         if parse_yes_no(answer) != gold:
             disagreeing.append(question_id)
     assert not disagreeing, f"{filename}: parse_yes_no disagrees with the gold label for question_ids {disagreeing}"
+    # Real answers have answer structure: the strict rule reads every one as the standard rule does.
+    strict_differs = [
+        r["question_id"] for r in records if parse_yes_no(r["answer"], "strict") != parse_yes_no(r["answer"])
+    ]
+    assert not strict_differs, f"{filename}: the strict rule differs on question_ids {strict_differs}"
+
+
+# --- the strict rule: answer structure ---------------------------------------------------------------------------
+
+# (answer, how the rule reads it, standard label, strict label). Written for these tests.
+STRUCTURE: list[tuple[str, str, str | None, str | None]] = [
+    ("Yes.", "bare", YES, YES),
+    ("The answer is no.", "explicit", NO, NO),
+    ("It cannot be determined from the image.", "uncertain", None, None),
+    ("Cardiomegaly is present.", "finding", YES, YES),  # the cue within the first three words
+    ("The heart is not enlarged.", "finding", NO, NO),  # a determiner opens it
+    ("According to the image, there is a small effusion.", "finding", YES, YES),
+    ("no pneumothorax", "finding", NO, NO),  # short: needs no closing mark
+    ("Pleural effusion is seen", "finding", YES, YES),
+    ("There is no effusion", "finding", NO, NO),
+    # word salad: a finding word, but no sentence around it
+    ("consolidation changed bony vascularity shows being soft.", "unstructured", YES, None),
+    ("typical cell diabetes patient evaluation gallbladder atelectasis without infiltration", "unstructured", NO, None),
+    ("the mass heart shows lobe lung effusion opacity normal left right apex pleural base", "unstructured", YES, None),
+    ("rat important overall mass conditions mediastinum visually abnormalities", "nothing", None, None),
+    ("", "nothing", None, None),
+]
+
+
+@pytest.mark.parametrize(("answer", "how", "standard", "strict"), STRUCTURE)
+def test_the_strict_rule_reads_only_answers_with_structure(answer, how, standard, strict) -> None:
+    reading, strict_reading = read_yes_no(answer), read_yes_no(answer, "strict")
+    assert (reading.label, reading.how) == (standard, how)
+    assert (strict_reading.label, strict_reading.how) == (strict, how)
+    assert parse_yes_no(answer) == standard and parse_yes_no(answer, "strict") == strict
+
+
+def test_word_salad_is_read_by_the_standard_rule_and_mostly_not_by_the_strict_one() -> None:
+    # What an untrained model writes: random words of its vocabulary (the tiny tokenizer's), 3 to 30 of them.
+    words = sorted(word for word in tiny_tokenizer().get_vocab() if not word.startswith("<"))
+    rng = random.Random(0)
+    salad = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(2000)]
+    standard = sum(parse_yes_no(text) is not None for text in salad)
+    strict = sum(parse_yes_no(text, "strict") is not None for text in salad)
+    assert standard > 0.10 * len(salad), standard  # the problem is real...
+    assert strict < 0.015 * len(salad), strict  # ...and the strict rule removes nearly all of it
+    with pytest.raises(ValueError, match="standard, strict"):
+        parse_yes_no("Yes.", "lenient")
 
 
 # --- arbitrary strings ----------------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from mmed_rag.eval.yesno import parse_yes_no
 
 
-def vqa_correct(prediction: str, gold: str) -> bool:
-    """The answer's yes/no is the gold one; False when either does not parse."""
+def vqa_correct(prediction: str, gold: str, yes_no_rule: str = "standard") -> bool:
+    """The answer's yes/no (read by ``yes_no_rule``) is the gold one; False when either does not parse."""
     label = parse_yes_no(gold)
-    return label is not None and parse_yes_no(prediction) == label
+    return label is not None and parse_yes_no(prediction, yes_no_rule) == label
 
 
 @dataclass(frozen=True)
@@ -63,16 +63,19 @@ class ReportJudge:
 
 
 def judge_runs(
-    task: str, runs: Mapping[str, tuple[Sequence[str], Sequence[str]]], judge: ReportJudge | None = None
+    task: str,
+    runs: Mapping[str, tuple[Sequence[str], Sequence[str]]],
+    judge: ReportJudge | None = None,
+    yes_no_rule: str = "standard",
 ) -> dict[str, list[bool]]:
     """Right or not, for every answer of several runs of one set (``run -> (predictions, golds)``).
 
-    VQA answers are judged one by one (:func:`vqa_correct`); reports by ``judge``, against one cutoff for all
-    runs (:meth:`ReportJudge.judge_runs`).
+    VQA answers are judged one by one (:func:`vqa_correct`, by ``yes_no_rule``); reports by ``judge``, against one
+    cutoff for all runs (:meth:`ReportJudge.judge_runs`).
     """
     if task == "vqa":
         return {
-            run: [vqa_correct(prediction, gold) for prediction, gold in zip(*pair, strict=True)]
+            run: [vqa_correct(prediction, gold, yes_no_rule) for prediction, gold in zip(*pair, strict=True)]
             for run, pair in runs.items()
         }
     if task == "report":

@@ -23,6 +23,7 @@ from mmed_rag.atomic import atomic_write_text
 from mmed_rag.config import ConfigError, save_config
 from mmed_rag.eval import plots
 from mmed_rag.eval.examples import EvalInputError, Example, ExampleSet, read_examples
+from mmed_rag.eval.yesno import HOWS
 from mmed_rag.outputs import claim_outputs
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,13 @@ class EvalConfig:
         default="prediction", metadata={"help": "field holding the answer ('answer' scores gold against itself)"}
     )
     positive: Literal["yes", "no"] = field(default="yes", metadata={"help": "positive class of precision/recall/F1"})
+    yes_no_rule: Literal["standard", "strict"] = field(
+        default="standard",
+        metadata={
+            "help": "how free-text answers are read as yes/no (vqa, copying): standard, or strict, which counts a "
+            "finding word in text without sentence structure (an untrained model's word salad) as unparseable"
+        },
+    )
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95%% intervals (0: none)"})
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
     report_metrics: tuple[str, ...] = field(default=REPORT_METRICS, metadata={"help": "report metrics to compute"})
@@ -106,9 +114,9 @@ def _groups(examples: Sequence[Example], attribute: str) -> dict[str, list[int]]
 
 def _vqa(config: EvalConfig, examples: ExampleSet, out: Path) -> tuple[dict, list[dict], list[Path]]:
     from mmed_rag.eval.vqa import metrics_to_dict, yes_no_metrics
-    from mmed_rag.eval.yesno import parse_yes_no
+    from mmed_rag.eval.yesno import parse_yes_no, read_yes_no
 
-    kept, gold, predicted = [], [], []
+    kept, gold, predicted, readings = [], [], [], []
     for example in examples.examples:
         label = parse_yes_no(example.gold)
         if label is None:
@@ -121,7 +129,8 @@ def _vqa(config: EvalConfig, examples: ExampleSet, out: Path) -> tuple[dict, lis
             continue
         kept.append(example)
         gold.append(label)
-        predicted.append(parse_yes_no(example.prediction))
+        readings.append(read_yes_no(example.prediction, config.yes_no_rule))
+        predicted.append(readings[-1].label)
     if not kept:
         raise EvalInputError("no question with a yes/no gold answer to score")
     scored = [example.yes_probability for example in kept]
@@ -153,10 +162,13 @@ def _vqa(config: EvalConfig, examples: ExampleSet, out: Path) -> tuple[dict, lis
             "prediction": example.prediction,  # the text, so each verdict can be checked by eye
             "gold": label,
             "predicted": guess,
+            "read_as": reading.how,  # which step of the yes/no rule gave `predicted` (mmed_rag.eval.yesno)
             "correct": label == guess,
         }
-        for example, label, guess in zip(kept, gold, predicted, strict=True)
+        for example, label, guess, reading in zip(kept, gold, predicted, readings, strict=True)
     ]
+    metrics["yes_no_rule"] = config.yes_no_rule
+    metrics["read_as"] = {how: count for how in HOWS if (count := sum(r.how == how for r in readings))}
     figures = [
         plots.confusion_matrix(out / "confusion_matrix.png", gold, predicted, title="yes/no answers"),
         _accuracy_by_group(metrics, out / "accuracy.png"),
@@ -188,6 +200,24 @@ def _accuracy_by_group(metrics: dict, path: Path) -> Path:
     values = {label: group["accuracy"]["value"] for label, group in groups}
     intervals = {label: tuple(group["accuracy"]["ci95"]) for label, group in groups}
     return plots.bar_chart(path, values, intervals, title="VQA accuracy (95% bootstrap interval)", ylabel="accuracy")
+
+
+def _reading_note(rule: str, read_as: dict[str, int]) -> str:
+    """What the yes/no rule read the predictions from, and how many rest on a finding word in word salad."""
+    total = sum(read_as.values())
+    counts = ", ".join(f"{how} {count}" for how, count in read_as.items())
+    note = f"Yes/no read with the {rule} rule ({total} predictions; read as: {counts}; per_example.jsonl 'read_as')."
+    salad = read_as.get("unstructured", 0)
+    if salad and rule == "standard":
+        note += (
+            f" {salad} were read from a finding word in text without sentence structure, as an untrained model "
+            "writes; --yes-no-rule strict counts them as unparseable."
+        )
+        if salad > total / 4:
+            logger.warning("%d of %d predictions read as yes/no from word salad: see metrics.md", salad, total)
+    elif salad:
+        note += f" {salad} without sentence structure were counted as unparseable."
+    return note
 
 
 def _vqa_table(metrics: dict) -> str:
@@ -316,6 +346,7 @@ def _copying(config: EvalConfig, out: Path) -> tuple[dict, list[dict], list[Path
         ReportJudge.from_options(config.judge_metric, config.judge_threshold)
         if config.copying_task == "report"
         else None,
+        config.yes_no_rule,
     )
     correct = {run: {e.key: good for e, good in zip(runs[run].examples, verdicts[run], strict=True)} for run in runs}
     try:
@@ -417,7 +448,7 @@ def _evaluate(config: EvalConfig) -> EvalResult:
     }
     files = [out / "metrics.json", out / "metrics.md", out / "per_example.jsonl"]
     atomic_write_text(files[0], json.dumps(document, indent=2, ensure_ascii=False) + "\n")
-    notes = []
+    notes = [_reading_note(config.yes_no_rule, metrics["read_as"])] if config.task == "vqa" else []
     if empty:
         notes.append(f"{len(empty)} empty prediction(s), scored as wrong.")
     if problems:
@@ -425,6 +456,7 @@ def _evaluate(config: EvalConfig) -> EvalResult:
     if overlap:
         notes.append(overlap)
         logger.warning("%s", overlap)
+
     atomic_write_text(files[1], f"# mmed-rag eval: {config.task}\n\n{table}\n" + "".join(f"\n{n}\n" for n in notes))
     atomic_write_text(files[2], "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in per_example))
     save_config(config, out, name="eval.config.yaml")
