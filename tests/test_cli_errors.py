@@ -119,11 +119,18 @@ def retrieve_args(world, tmp: Path, eval_json, *more: str, index=None, output=No
     ]
 
 
-def dpo_args(world, tmp: Path, *more: str, data=None, output=None) -> list[str]:
+def staged_output(world, tmp: Path) -> Path:
+    """A folder like train-sft's output: the model is one level down, in the stage's folder."""
+    (tmp / "staged").mkdir()
+    (tmp / "staged" / "standin").symlink_to(world.llava, target_is_directory=True)
+    return tmp / "staged"
+
+
+def dpo_args(world, tmp: Path, *more: str, data=None, output=None, model=None) -> list[str]:
     return [
         "train-dpo",
         "--model_name_or_path",
-        str(world.llava),
+        str(model or world.llava),
         "--data_path",
         str(data or world.pairs),
         "--image_folder",
@@ -616,6 +623,12 @@ CASES = [
         outputs=("dpo",),
     ),
     Case("train-dpo/output-is-the-model", lambda w, t: dpo_args(w, t, output=w.llava), ("llava", "input")),
+    Case(
+        "train-dpo/model-is-a-staged-output",  # a train-sft output holds one model per stage
+        lambda w, t: dpo_args(w, t, model=staged_output(w, t)),
+        ("staged", "no config.json", "its folders standin hold models"),
+        outputs=("dpo",),
+    ),
     # train-sft
     Case(
         "train-sft/missing-data",

@@ -1,9 +1,11 @@
 """Every preset in configs/ loads into its stage's config."""
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from mmed_rag.cli import PASSTHROUGH, STAGES
 from mmed_rag.config import load_config
@@ -39,3 +41,28 @@ def test_dpo_preset_loads(preset, tmp_path):
     for name in ("lora_r", "lora_alpha", "mm_projector_lr", "learning_rate", "lr_scheduler_type", "bf16"):
         if name in values:
             assert getattr(config, name) == values[name], name
+
+
+def test_a_preset_path_not_found_names_the_folder_it_was_looked_up_in(tmp_path, monkeypatch, capsys):
+    from mmed_rag.cli import main
+
+    monkeypatch.chdir(tmp_path)  # a working folder without the README's phantoms/ and runs/
+    preset = CONFIGS / "train-domain" / "retrievers-tower.yaml"
+    assert main(["train-domain", "--config", str(preset)]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("mmed-rag train-domain: phantoms/training/retriever/radiology/radiology_train.json")
+    assert message.endswith(f"(relative paths are read from the current directory, {tmp_path})")
+    # With the data in place, the tower the preset names (the README's `--logs runs`) is looked up there too.
+    (tmp_path / "phantoms/images").mkdir(parents=True)
+    for modality in ("radiology", "pathology", "ophthalmology"):
+        folder = tmp_path / f"phantoms/training/retriever/{modality}"
+        folder.mkdir(parents=True)
+        record = {"id": 0, "image": f"{modality}/0.png", "report": "Normal."}
+        (folder / f"{modality}_train.json").write_text(json.dumps([record, {**record, "id": 1}]))
+        (tmp_path / "phantoms/test/report").mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"phantoms/test/report/{modality}_test.json").write_text(json.dumps([record]))
+        (tmp_path / f"phantoms/images/{modality}").mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / f"phantoms/images/{modality}/0.png")
+    assert main(["train-domain", "--config", str(preset)]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "Unknown CLIP model 'runs/radiology/best'" in message and f"current directory, {tmp_path})" in message

@@ -7,6 +7,7 @@ first DeepSpeed run on a machine compiles a communication extension (~35 s, cach
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,10 @@ def check_run(returncode, output, out_dir, zero_stage):
     ):
         assert warning in output, warning
     assert f"DeepSpeed ZeRO-{zero_stage} on cpu" in output and "Stage 2 done" in output
+    # A third-party deprecation warning is shown once per process, not at every step.
+    warned = re.findall(r"^\S+:\d+: (\w*Warning: .*)$", output, flags=re.MULTILINE)
+    repeated = {line: warned.count(line) for line in set(warned) if warned.count(line) > 1}
+    assert not repeated, repeated
 
 
 def test_zero3_through_the_launcher_with_the_original_flags(runs):

@@ -47,6 +47,7 @@ from mmed_rag.alignment.trainer import MMedRAGDPOTrainer
 from mmed_rag.atomic import atomic_path
 from mmed_rag.config import ConfigError
 from mmed_rag.divergence import StopOnDivergence
+from mmed_rag.errors import model_directory_problem
 from mmed_rag.fingerprint import file_sha256
 from mmed_rag.outputs import claim_outputs
 from mmed_rag.training.stages import finished_summary, last_checkpoint, publish_stage, record_identity
@@ -131,6 +132,9 @@ def plan_stages(config: MMedRAGDPOConfig) -> list[StagePlan]:
             raise DPOError(f"--{name} is required")
     if not Path(config.image_folder).is_dir():
         raise DPOError(f"--image_folder {config.image_folder} is not a directory")
+    problem = model_directory_problem(config.model_name_or_path)
+    if problem:
+        raise DPOError(f"--model_name_or_path {problem}")
     output_dir = Path(config.output_dir)
     stages = config.stages
     if stages == ["1", "2"] and not config.stage2_data_path:
@@ -500,10 +504,11 @@ def parse_dpo_args(argv: list[str] | None = None) -> MMedRAGDPOConfig:
 
 def main(argv: list[str] | None = None, verbose: bool = False) -> int:
     """``train/dpo/train_dpo_2stages.py``: parse, train, report; bad input ends with one line and exit status 2."""
-    from mmed_rag.cli import run_reporting_errors
+    from mmed_rag.cli import run_reporting_errors, show_each_warning_once
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mmed_rag").setLevel(logging.INFO)
+    show_each_warning_once()  # as `mmed-rag train-dpo` does: under the launcher too, not once per step
     return run_reporting_errors("train-dpo", lambda: _train(argv), verbose)
 
 

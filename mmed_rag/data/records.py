@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from mmed_rag.atomic import atomic_write_text
-from mmed_rag.errors import MMedRAGError
+from mmed_rag.errors import MMedRAGError, relative_base
 
 logger = logging.getLogger(__name__)
 
@@ -684,7 +684,8 @@ def read_records(
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise FileFormatError(path, None, None, f"cannot read the file: {error.strerror or error}") from None
+        problem = f"cannot read the file: {error.strerror or error}"
+        raise FileFormatError(path, None, None, problem + (relative_base(path) if not path.exists() else "")) from None
     if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:4096]:
         raise FileFormatError(
             path,

@@ -190,7 +190,7 @@ class Demo:
         return str(built)
 
     def domain(self) -> dict:
-        from mmed_rag.domain.classifier import TrainDomainConfig, train_domain
+        from mmed_rag.domain.classifier import FORMAT_VERSION, TrainDomainConfig, train_domain
 
         config = self.config
         files = {split: [] for split in ("train", "val", "test")}
@@ -211,7 +211,7 @@ class Demo:
         self.steps.run(
             "domain",
             lambda: str(train_domain(domain)),
-            params={"domain": vars(domain)},
+            params={"domain": vars(domain), "format_version": FORMAT_VERSION},  # a new format retrains it
             inputs=[self.data],
             outputs=[domain.out],
         )

@@ -24,7 +24,7 @@ from mmed_rag.adapters import load_lora
 from mmed_rag.config import ConfigError
 from mmed_rag.data.records import IMAGE_TOKEN
 from mmed_rag.device import resolve_device
-from mmed_rag.errors import MMedRAGError
+from mmed_rag.errors import MMedRAGError, model_directory_problem
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +100,9 @@ class Generator:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         directory = Path(config.model)
-        if not (directory / "config.json").is_file():
-            raise GeneratorError(f"{directory} is not a model directory (no config.json); pass a local path")
+        problem = model_directory_problem(directory)
+        if problem:
+            raise GeneratorError(problem + " (a local path)")
         device = resolve_device(config.device)
         try:
             processor = AutoProcessor.from_pretrained(directory, trust_remote_code=config.trust_remote_code)

@@ -33,7 +33,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from safetensors.torch import load_file, save_file
 
 from mmed_rag.atomic import atomic_path, atomic_write_text
-from mmed_rag.errors import MMedRAGError
+from mmed_rag.errors import MMedRAGError, relative_base
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +100,9 @@ def resolve_clip(model: str, cache_dir: str | os.PathLike | None = None) -> Clip
     register_model_configs()
     model_cfg = open_clip.get_model_config(model)
     if model_cfg is None:
-        where = "" if os.path.isabs(model) else f" (relative paths are read from the current directory, {os.getcwd()})"
         raise ClipNotFoundError(
-            f"Unknown CLIP model {model!r}: not a directory{where}, not an hf-hub: name, and not an open_clip "
-            f"model config (see open_clip.list_models())."
+            f"Unknown CLIP model {model!r}: not a directory{relative_base(model)}, not an hf-hub: name, and not an "
+            "open_clip model config (see open_clip.list_models())."
         )
     return ClipSource(open_clip_name=model, model_cfg=model_cfg, weights=None)
 

@@ -45,7 +45,7 @@ from mmed_rag.config import ConfigError, config_from_dict, save_config
 from mmed_rag.data.images import ImagePathError, open_image, resolve_image_path
 from mmed_rag.data.records import IMAGE_TOKEN, ConversationRecord, RecordError, read_conversations
 from mmed_rag.divergence import StopOnDivergence
-from mmed_rag.errors import MMedRAGError
+from mmed_rag.errors import MMedRAGError, model_directory_problem
 from mmed_rag.fingerprint import file_sha256, path_fingerprint
 from mmed_rag.outputs import claim_outputs
 from mmed_rag.training.stages import finished_summary, last_checkpoint, plot_loss, publish_stage, record_identity
@@ -259,8 +259,9 @@ def load_stage_model(source: Path, dtype: torch.dtype):
         base = json.loads(adapter_config.read_text(encoding="utf-8"))["base_model_name_or_path"]
         model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype)
         return load_lora(model, source).merge_and_unload()
-    if not (source / "config.json").is_file():
-        raise SFTError(f"{source} is not a model directory (no config.json) nor a LoRA stage")
+    problem = model_directory_problem(source)
+    if problem:
+        raise SFTError(f"{problem}, nor a LoRA stage")
     return AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
 
 
