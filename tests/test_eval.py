@@ -246,3 +246,23 @@ def test_word_salad_is_named_and_the_strict_rule_counts_it_unparseable(tmp_path)
     assert "1 were read from a finding word in text without sentence structure" in table
     assert "--yes-no-rule strict counts them as unparseable" in table
     assert "1 without sentence structure were counted as unparseable" in (tmp_path / "strict/metrics.md").read_text()
+
+
+def test_accuracy_chart_draws_each_group_once_with_its_baseline(predictions, tmp_path):
+    from mmed_rag.eval.run import _majority_share, accuracy_bars
+
+    chest, tissue = predictions
+    one = evaluate(EvalConfig(task="vqa", pred=(str(chest),), out=str(tmp_path / "one")))
+    # One file of one modality: its dataset and its modality are the overall set, drawn once.
+    assert [label for label, _ in accuracy_bars(one.metrics)] == ["overall = dataset: chest = modality: radiology"]
+    both = evaluate(EvalConfig(task="vqa", pred=(str(chest), str(tissue)), out=str(tmp_path / "both")))
+    assert [label for label, _ in accuracy_bars(both.metrics)] == [
+        "overall",
+        "dataset: chest",
+        "dataset: tissue",
+        "modality: radiology",
+        "modality: pathology",
+    ]
+    assert _majority_share(both.metrics["overall"]["counts"]) == 0.5  # 3 yes, 3 no
+    assert _majority_share({"n": 4, "gold_yes": 1, "gold_no": 3}) == 0.75
+    assert (tmp_path / "both/accuracy.png").read_bytes().startswith(b"\x89PNG")

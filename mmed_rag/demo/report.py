@@ -41,9 +41,12 @@ def _estimate(block: dict) -> dict:
 
 def _vqa(metrics_file: Path) -> dict:
     metrics = _load(metrics_file)
-    figures = {"overall": {name: _estimate(metrics["overall"][name]) for name in ("accuracy", "f1", "auc")}}
-    for modality, block in metrics["by_modality"].items():
-        figures[modality] = {name: _estimate(block[name]) for name in ("accuracy", "f1", "auc")}
+    blocks = {"overall": metrics["overall"], **metrics["by_modality"]}
+    figures = {}
+    for group, block in blocks.items():
+        figures[group] = {name: _estimate(block[name]) for name in ("accuracy", "f1", "auc")}
+        counts = block["counts"]  # the accuracy of always giving the commoner gold answer: the bar to beat
+        figures[group]["baseline"] = max(counts["gold_yes"], counts["gold_no"]) / counts["n"]
     return figures
 
 
@@ -381,7 +384,8 @@ def _save(figure, path: Path) -> None:
 
 
 def plot_vqa(figures: dict, path: Path) -> Path:
-    """Grouped bars: accuracy per modality and condition, with 95% intervals, chance at 0.5."""
+    """Grouped bars: accuracy per modality and condition, with 95% intervals, and per group the accuracy of always
+    giving its commoner gold answer (not 0.5: the phantom questions are not balanced)."""
     import numpy as np
 
     vqa = figures["seeds"][0]["vqa"]
@@ -397,7 +401,13 @@ def plot_vqa(figures: dict, path: Path) -> Path:
         heights = [value["value"] for value in values]
         errors = _error_bars(heights, [value["low"] for value in values], [value["high"] for value in values])
         axis.bar(x, heights, width, yerr=errors, capsize=2, label=CONDITIONS[condition], color=colours[position])
-    axis.axhline(0.5, color="black", linestyle=":", linewidth=1, label="chance")
+    baseline_label = "always the commoner gold answer"
+    for position, group in enumerate(groups):
+        axis.hlines(
+            vqa[conditions[0]][group]["baseline"], position - 0.45, position + 0.45, colors="black", linestyles=":",
+            linewidth=1.5, label=baseline_label,
+        )  # fmt: skip
+        baseline_label = None
     axis.set_xticks(range(len(groups)), groups)
     axis.set_ylim(0, 1)
     axis.set_ylabel("VQA accuracy (95% interval)")

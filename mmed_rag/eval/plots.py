@@ -34,28 +34,47 @@ def bar_chart(
     title: str,
     ylabel: str,
     ylim: tuple[float, float] | None = (0.0, 1.0),
+    baselines: Mapping[str, float] | None = None,
+    baseline_label: str = "chance",
 ) -> Path:
-    """One bar per entry, with its 95% interval as an error bar where known; missing values are left blank."""
+    """One bar per entry, with its 95% interval as an error bar where known; missing values are left blank.
+
+    Each value is written above its bar and its error bar, so the two never cross. ``baselines`` draws a dashed
+    mark across the bars that have one (what a trivial answerer scores there), labelled ``baseline_label``.
+    """
     plt = _pyplot()
     names = list(values)
     heights = [values[name] if values[name] is not None else 0.0 for name in names]
     figure, axes = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 2), 3.6))
     bars = axes.bar(range(len(names)), heights, color="#4c72b0")
-    if intervals:
-        for position, name in enumerate(names):
-            low, high = intervals.get(name, (None, None))
-            if values[name] is not None and low is not None and high is not None:
-                # A percentile bootstrap interval need not contain the point value (small or skewed sets).
-                below, above = max(0.0, values[name] - low), max(0.0, high - values[name])
-                axes.errorbar(position, values[name], yerr=[[below], [above]], color="k")
-    for bar, name in zip(bars, names, strict=True):
+    tops = list(heights)
+    for position, name in enumerate(names):
+        low, high = (intervals or {}).get(name, (None, None))
+        if values[name] is not None and low is not None and high is not None:
+            # A percentile bootstrap interval need not contain the point value (small or skewed sets).
+            below, above = max(0.0, values[name] - low), max(0.0, high - values[name])
+            axes.errorbar(position, values[name], yerr=[[below], [above]], color="k", capsize=3)
+            tops[position] = max(tops[position], high)
+    marked = False
+    for position, name in enumerate(names):
+        if baselines and baselines.get(name) is not None:
+            axes.hlines(
+                baselines[name], position - 0.45, position + 0.45, colors="#dd8452", linestyles="--", linewidth=2,
+                label=None if marked else baseline_label,
+            )  # fmt: skip
+            marked = True
+    span = (ylim[1] - ylim[0]) if ylim is not None else max(tops + [1e-9])
+    for bar, name, top in zip(bars, names, tops, strict=True):
         label = "n/a" if values[name] is None else f"{values[name]:.3f}"
-        axes.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+        axes.annotate(label, (bar.get_x() + bar.get_width() / 2, top + 0.015 * span), ha="center", va="bottom")
     axes.set_xticks(range(len(names)), names, rotation=20, ha="right")
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     if ylim is not None:
-        axes.set_ylim(*ylim)
+        axes.set_ylim(ylim[0], ylim[1] + 0.1 * span)  # room for the labels above a full bar
+        axes.set_yticks(np.linspace(ylim[0], ylim[1], 6))
+    if marked:
+        axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     return _save(figure, path)
 
 
@@ -70,9 +89,10 @@ def confusion_matrix(path: Path, gold: Sequence[str], predicted: Sequence[str | 
         ]
     )
     figure, axes = plt.subplots(figsize=(4.4, 3.4))
-    axes.imshow(counts, cmap="Blues")
+    axes.imshow(counts, cmap="Blues", vmin=0, vmax=max(int(counts.max()), 1))
     for (row, column), count in np.ndenumerate(counts):
-        axes.text(column, row, str(count), ha="center", va="center", color="k")
+        dark = count > counts.max() / 2  # white on the dark half of the colour map, black on the light half
+        axes.text(column, row, str(count), ha="center", va="center", color="white" if dark else "black", fontsize=11)
     axes.set_xticks(range(3), ["yes", "no", "unparseable"])
     axes.set_yticks(range(2), rows)
     axes.set_xlabel("predicted")

@@ -195,11 +195,35 @@ def _labelled_groups(metrics: dict, separator: str = " ") -> list[tuple[str, dic
     return rows
 
 
+def accuracy_bars(metrics: dict) -> list[tuple[str, dict]]:
+    """The groups ``accuracy.png`` draws: overall, then each dataset and modality, except that one holding every
+    question is the overall bar again, so it is named on that bar ("overall = dataset: chest") instead."""
+    (_, overall), *groups = _labelled_groups(metrics, ": ")
+    same = [label for label, group in groups if group["counts"]["n"] == overall["counts"]["n"]]
+    return [(" = ".join(["overall", *same]), overall)] + [
+        (label, group) for label, group in groups if label not in same
+    ]
+
+
 def _accuracy_by_group(metrics: dict, path: Path) -> Path:
-    groups = _labelled_groups(metrics, ": ")
-    values = {label: group["accuracy"]["value"] for label, group in groups}
-    intervals = {label: tuple(group["accuracy"]["ci95"]) for label, group in groups}
-    return plots.bar_chart(path, values, intervals, title="VQA accuracy (95% bootstrap interval)", ylabel="accuracy")
+    bars = accuracy_bars(metrics)
+    values = {label: group["accuracy"]["value"] for label, group in bars}
+    intervals = {label: tuple(group["accuracy"]["ci95"]) for label, group in bars}
+    baselines = {label: _majority_share(group["counts"]) for label, group in bars}
+    return plots.bar_chart(
+        path,
+        values,
+        intervals,
+        title="VQA accuracy (95% bootstrap interval)",
+        ylabel="accuracy",
+        baselines=baselines,
+        baseline_label="always the commoner gold answer",
+    )
+
+
+def _majority_share(counts: dict) -> float:
+    """Accuracy of answering every question with the group's commoner gold answer: the bar to beat."""
+    return max(counts["gold_yes"], counts["gold_no"]) / counts["n"]
 
 
 def _reading_note(rule: str, read_as: dict[str, int]) -> str:
@@ -364,8 +388,23 @@ def _copying(config: EvalConfig, out: Path) -> tuple[dict, list[dict], list[Path
     }
     values = {**accuracy, **{name: share.value if share else None for name, share in ratios.items()}}
     intervals = {**accuracy_intervals, **{name: share.interval() for name, share in ratios.items() if share}}
+    baselines = None
+    if config.copying_task == "vqa":
+        from mmed_rag.eval.yesno import parse_yes_no
+
+        baselines = {}
+        for run, examples in runs.items():
+            golds = [parse_yes_no(example.gold) for example in examples.examples]
+            counts = {"n": len(golds), "gold_yes": golds.count("yes"), "gold_no": golds.count("no")}
+            baselines[RUN_LABELS[run]] = _majority_share(counts) if golds else None
     figure = plots.bar_chart(
-        out / "copying.png", values, intervals, title="accuracy by run, and copy-reliance shares", ylabel="share"
+        out / "copying.png",
+        values,
+        intervals,
+        title="accuracy by run, and copy-reliance shares",
+        ylabel="share",
+        baselines=baselines,
+        baseline_label="always the commoner gold answer",
     )
     return metrics, per_example, [figure], problems
 

@@ -117,10 +117,18 @@ def _plot(scores: RetrievalScores, out_png: Path) -> None:
     FigureCanvasAgg(figure)
     axis = figure.subplots()
     values = scores.hit_scores + scores.miss_scores
-    bins = np.linspace(min(values), max(values), 40) if values else 10
-    for sample, label in ((scores.miss_scores, "other retrieved reports"), (scores.hit_scores, "ground-truth report")):
+    samples = (
+        (scores.miss_scores, "other retrieved reports", "bar"),
+        (scores.hit_scores, "ground-truth report", "step"),
+    )
+    for sample, label, kind in samples:
         if sample:  # an empty sample has no density (and no legend entry)
-            axis.hist(sample, bins=bins, alpha=0.6, density=True, label=label)
+            # Bins by sample size (about 2 sqrt(n), 5 to 40), so a handful of hits is not forty spikes.
+            edges = np.linspace(min(values), max(values), min(40, max(5, 2 * int(np.sqrt(len(sample))))) + 1)
+            axis.hist(
+                sample, bins=edges, alpha=0.6 if kind == "bar" else 1.0, density=True, histtype=kind,
+                linewidth=2, label=f"{label} (n={len(sample)})",
+            )  # fmt: skip
     if not scores.hit_scores:
         axis.text(0.5, 0.9, "no ground-truth report was retrieved", transform=axis.transAxes, ha="center", fontsize=8)
     axis.set_xlabel("cosine similarity (image, report)")

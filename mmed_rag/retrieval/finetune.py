@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from open_clip.loss import ClipLoss
 from open_clip_train.scheduler import cosine_lr
 from torch.utils.data import DataLoader, Dataset
@@ -474,23 +475,32 @@ def plot_curves(lines: list[dict], path: Path, title: str) -> None:
     loss_ax.plot([line["epoch"] for line in train], [line["loss"] for line in train], "o-", label="train")
     loss_ax.plot([line["epoch"] for line in val], [line["loss"] for line in val], "s-", label="val")
     loss_ax.set(xlabel="epoch", ylabel="contrastive loss", title="loss")
-    for direction, style in zip(DIRECTIONS, ("-", "--"), strict=True):
+    # Colour says k, line style and marker say the direction; each k's chance level is drawn in its colour.
+    for direction, style, marker in zip(DIRECTIONS, ("-", "--"), ("o", "s"), strict=True):
         for k, colour in zip(KS, ("C0", "C1", "C2"), strict=True):
             recall_ax.plot(
                 [line["epoch"] for line in val],
                 [line[f"{direction}_R@{k}"] for line in val],
-                style,
+                linestyle=style,
                 color=colour,
-                marker="o",
+                marker=marker,
+                markerfacecolor=colour if style == "-" else "white",
                 label=f"{direction.replace('_', ' ')} R@{k}",
             )
     if val:
-        recall_ax.axhline(
-            val[-1]["chance_image_to_report_R@5"], color="grey", linestyle=":", label="chance, image to report R@5"
-        )
+        for k, colour in zip(KS, ("C0", "C1", "C2"), strict=True):
+            recall_ax.axhline(
+                val[-1][f"chance_image_to_report_R@{k}"],
+                color=colour,
+                linestyle=":",
+                linewidth=1,
+                label=f"chance R@{k}",
+            )
     recall_ax.set(xlabel="epoch", ylabel="recall", ylim=(0, 1.02), title="validation recall")
+    loss_ax.legend(fontsize=7, loc="upper right")
+    recall_ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=3, handlelength=3)
     for ax in (loss_ax, recall_ax):
-        ax.legend(fontsize=7, loc="upper left" if ax is recall_ax else "upper right")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     figure.suptitle(title)
     with atomic_path(path) as tmp:
