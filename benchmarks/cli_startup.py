@@ -14,7 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-COMMANDS = (["--help"], ["generate", "--help"], ["finetune-clip", "--help"], ["train-dpo", "--help"])
+COMMANDS = (
+    ["--help"],
+    ["generate", "--help"],
+    ["finetune-clip", "--help"],
+    ["train-domain", "--help"],
+    ["train-sft", "--help"],
+    ["train-dpo", "--help"],
+)
 
 
 def wall_seconds(argv: list[str], source: Path) -> float:
@@ -31,14 +38,14 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, default=None, help="an earlier checkout to compare with")
     args = parser.parse_args()
     here = Path(__file__).resolve().parents[1]
-    print(f"{'command':<28} {'this (s)':>9}" + (f" {'baseline (s)':>12} {'ratio':>6}" if args.baseline else ""))
+    print(f"{'command':<30} {'this (s)':>9}" + (f" {'baseline (s)':>12} {'ratio':>6}" if args.baseline else ""))
     for argv in COMMANDS:
         ours, theirs = [], []
         for _ in range(args.repeat):  # alternate, so drift in the machine's speed hits both alike
             ours.append(wall_seconds(argv, here))
             if args.baseline:
                 theirs.append(wall_seconds(argv, args.baseline))
-        line = f"{'mmed-rag ' + ' '.join(argv):<28} {statistics.median(ours):>9.2f}"
+        line = f"{'mmed-rag ' + ' '.join(argv):<30} {statistics.median(ours):>9.2f}"
         if args.baseline:
             line += f" {statistics.median(theirs):>12.2f} {statistics.median(ours) / statistics.median(theirs):>6.2f}"
         print(line)

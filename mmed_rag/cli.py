@@ -24,7 +24,8 @@ from mmed_rag.errors import EXIT_BAD_INPUT, MMedRAGError
 class Stage:
     name: str
     help: str
-    # The stage's module is imported only when the parser is built; those modules import torch inside functions.
+    # Returns the stage's config class from a module that imports no torch, transformers or open_clip (so a
+    # stage's --help is fast); the stage's code is imported by `run`, when the stage runs.
     config: Callable[[], type]
     run: Callable[[object], int]
 
@@ -59,7 +60,7 @@ def _run_phantoms(config) -> int:
 
 
 def _tiny_model_config() -> type:
-    from mmed_rag.testing import TinyModelConfig
+    from mmed_rag.generation.configs import TinyModelConfig
 
     return TinyModelConfig
 
@@ -84,7 +85,7 @@ def _run_demo(config) -> int:
 
 
 def _build_index_config() -> type:
-    from mmed_rag.retrieval.index import BuildIndexConfig
+    from mmed_rag.retrieval.configs import BuildIndexConfig
 
     return BuildIndexConfig
 
@@ -100,7 +101,7 @@ def _run_build_index(config) -> int:
 
 
 def _retrieve_config() -> type:
-    from mmed_rag.retrieval.batch import RetrieveConfig
+    from mmed_rag.retrieval.configs import RetrieveConfig
 
     return RetrieveConfig
 
@@ -119,7 +120,7 @@ def _run_retrieve(config) -> int:
 
 
 def _eval_retrieval_config() -> type:
-    from mmed_rag.retrieval.evaluate import EvalRetrievalConfig
+    from mmed_rag.retrieval.configs import EvalRetrievalConfig
 
     return EvalRetrievalConfig
 
@@ -139,7 +140,7 @@ def _run_eval_retrieval(config) -> int:
 
 
 def _finetune_config() -> type:
-    from mmed_rag.retrieval.finetune import FinetuneConfig
+    from mmed_rag.retrieval.configs import FinetuneConfig
 
     return FinetuneConfig
 
@@ -153,7 +154,7 @@ def _run_finetune(config) -> int:
 
 
 def _generate_config() -> type:
-    from mmed_rag.pipeline import PipelineConfig
+    from mmed_rag.generation.configs import PipelineConfig
 
     return PipelineConfig
 
@@ -202,7 +203,7 @@ def _run_make_pairs(config) -> int:
 
 
 def _train_sft_config() -> type:
-    from mmed_rag.training.sft import SFTConfig
+    from mmed_rag.training.sft_config import SFTConfig
 
     return SFTConfig
 
@@ -231,7 +232,7 @@ def _run_merge_lora(config) -> int:
 
 
 def _convert_config() -> type:
-    from mmed_rag.generation.convert import ConvertConfig
+    from mmed_rag.generation.configs import ConvertConfig
 
     return ConvertConfig
 
@@ -245,7 +246,7 @@ def _run_convert(config) -> int:
 
 
 def _train_domain_config() -> type:
-    from mmed_rag.domain.classifier import TrainDomainConfig
+    from mmed_rag.domain.config import TrainDomainConfig
 
     return TrainDomainConfig
 
@@ -258,7 +259,7 @@ def _run_train_domain(config) -> int:
 
 
 def _predict_domain_config() -> type:
-    from mmed_rag.domain.classifier import PredictDomainConfig
+    from mmed_rag.domain.config import PredictDomainConfig
 
     return PredictDomainConfig
 

@@ -17,9 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -30,113 +29,20 @@ from mmed_rag.data.records import ImageReportRecord, VQARecord, read_or_skip
 from mmed_rag.device import resolve_device
 from mmed_rag.errors import MMedRAGError
 from mmed_rag.fingerprint import file_sha256, path_fingerprint
-from mmed_rag.generation.generator import Generator, GeneratorConfig
+from mmed_rag.generation.configs import PipelineConfig
+from mmed_rag.generation.generator import Generator
 from mmed_rag.generation.prompts import build_prompt, clean_question
 from mmed_rag.outputs import claim_outputs
 from mmed_rag.progress import progress_bar
 from mmed_rag.resumable import ResumableOutput
 from mmed_rag.retrieval.encode import embed_pixels
 from mmed_rag.retrieval.router import Router
-from mmed_rag.retrieval.select import RULES, KSelection
 
 logger = logging.getLogger(__name__)
 
 
 class PipelineError(MMedRAGError, RuntimeError):
     """A record the pipeline cannot answer (no modality, bad image), or an unusable output path."""
-
-
-@dataclass
-class PipelineConfig:
-    """Everything ``mmed-rag generate`` needs; a YAML file in ``configs/generate/`` sets it."""
-
-    model: str = field(default="", metadata={"help": "generator: local image-text-to-text model directory"})
-    registry: str | None = field(
-        default=None, metadata={"help": "modality registry YAML (retriever + index per modality)"}
-    )
-    input: str | None = field(default=None, metadata={"help": "VQA test JSONL or report test JSON to answer"})
-    output: str | None = field(default=None, metadata={"help": "JSONL of records + reports + prediction"})
-    img_root: str = field(default=".", metadata={"help": "image root of the input's image paths"})
-    modality: str | None = field(
-        default=None,
-        metadata={"help": "modality of every record (else the domain classifier, else the record's 'modality')"},
-    )
-    domain_classifier: str | None = field(
-        default=None, metadata={"help": "domain classifier directory (train-domain) that routes each image"}
-    )
-    unknown_policy: Literal["default", "all", "none"] = field(
-        default="none",
-        metadata={"help": "an image the classifier cannot place: retrieve from default_modality, all, or none"},
-    )
-    default_modality: str | None = field(default=None, metadata={"help": "the modality of unknown_policy 'default'"})
-    task: Literal["auto", "vqa", "report"] = field(
-        default="auto", metadata={"help": "auto: VQA for records with a question, else report generation"}
-    )
-    fixed_k: int = field(default=5, metadata={"help": "reports retrieved per image (the cap of adaptive rules)"})
-    clip_threshold: float | None = field(default=None, metadata={"help": "the original ratio rule's threshold"})
-    select_rule: Literal["fixed", "ratio", "gap", "absolute"] | None = field(
-        default=None, metadata={"help": f"selection rule ({', '.join(RULES)}); default: from fixed_k/clip_threshold"}
-    )
-    select_threshold: float | None = field(default=None, metadata={"help": "parameter of --select-rule"})
-    no_retrieval: bool = field(default=False, metadata={"help": "answer without reference reports"})
-    noised_image: bool = field(default=False, metadata={"help": "show the model a noise image instead (seeded)"})
-    noise_seed: int = field(default=0, metadata={"help": "seed of the noise images (mixed with each record's id)"})
-    yes_no_scores: bool = field(
-        default=False,
-        metadata={"help": "also write each VQA answer's P(yes) from its first token ('yes_probability', for AUC)"},
-    )
-    yes_no_answers: bool = field(
-        default=False,
-        metadata={"help": "answer questions with the likelier of 'Yes'/'No' (constrained decoding), not free text"},
-    )
-    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter from preference tuning"})
-    max_new_tokens: int = field(default=128, metadata={"help": "generated tokens at most"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "model dtype"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the model directory"})
-    on_error: Literal["raise", "skip"] = field(
-        default="raise", metadata={"help": "a record that cannot be answered: stop, or report and leave it out"}
-    )
-    fresh: bool = field(
-        default=False,
-        metadata={
-            "help": "start over: drop an interrupted run's results instead of resuming, or replace a finished output",
-            "aliases": ["--overwrite"],
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.unknown_policy == "default" and self.domain_classifier and self.default_modality is None:
-            raise ConfigError("unknown_policy 'default' needs --default-modality")
-        if not self.no_retrieval and self.registry is None:
-            raise ConfigError("give --registry (retriever + index per modality), or --no-retrieval")
-        self.selection()
-
-    def selection(self) -> KSelection:
-        return KSelection.from_options(self.fixed_k, self.clip_threshold, self.select_rule, self.select_threshold)
-
-    def read_paths(self) -> list[str | None]:
-        """Every file or directory a run reads: no output may be one of them."""
-        return [self.input, self.model, self.adapter, self.registry, self.domain_classifier]
-
-    def result_options(self) -> dict:
-        """The options that change answers (not batch size, device or error handling): a resume must match them."""
-        names = ("no_retrieval", "noised_image", "noise_seed", "modality", "unknown_policy", "default_modality")
-        names += ("task", "fixed_k", "clip_threshold", "select_rule", "select_threshold", "yes_no_scores")
-        names += ("yes_no_answers", "max_new_tokens", "dtype")
-        return {name: getattr(self, name) for name in names} | {"img_root": os.path.abspath(self.img_root)}
-
-    def generator_config(self) -> GeneratorConfig:
-        return GeneratorConfig(
-            model=self.model,
-            adapter=self.adapter,
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
-            dtype=self.dtype,
-            device=self.device,
-            trust_remote_code=self.trust_remote_code,
-        )
 
 
 @dataclass

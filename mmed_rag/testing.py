@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import socket
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from transformers import (
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from mmed_rag.chat_templates import LLAVA_MED_MISTRAL, load_chat_template
+from mmed_rag.generation.configs import TinyModelConfig
 from mmed_rag.retrieval.clip import create_clip
 
 logger = logging.getLogger(__name__)
@@ -221,15 +221,6 @@ def save_tiny_llava(
     processor.save_pretrained(directory)
     logger.info("Saved tiny LLaVA (seed %d) to %s", seed, directory)
     return directory
-
-
-@dataclass
-class TinyModelConfig:
-    """``mmed-rag make-tiny-model``: a randomly initialised tiny LLaVA to try ``generate`` and ``train-*`` with."""
-
-    out: str = field(default="tiny-llava", metadata={"help": "model directory to write (model + processor)"})
-    seed: int = field(default=0, metadata={"help": "seed of the random weights"})
-    chat_template: str = field(default=LLAVA_MED_MISTRAL, metadata={"help": "conversation format of the processor"})
 
 
 def make_tiny_model(config: TinyModelConfig) -> Path:

@@ -7,7 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-from mmed_rag.cli import main
+from mmed_rag.cli import STAGES, main
 
 RELEASE_COUNTS = {
     "training/retriever/radiology/radiology_train.json": 4034,
@@ -145,3 +145,25 @@ def test_the_tools_help_imports_no_stage():
     lines = result.stdout.splitlines()
     assert lines[0] == "usage: mmed-rag [-h] [-v] [--version] STAGE ..." and lines[-1] == "False False"
     assert "train-sft" in result.stdout and "make-tiny-model" in result.stdout
+
+
+HEAVY = ("torch", "transformers", "open_clip", "faiss", "trl", "peft")
+# train-dpo's options are transformers' TrainingArguments (through trl's DPOConfig): its help must import them.
+HELP_IMPORTS_TRANSFORMERS = {"train-dpo"}
+
+
+def test_a_stages_help_imports_no_heavy_library():
+    """Each stage's config lives apart from its code, so `mmed-rag STAGE --help` starts in a fraction of a second
+    (timed in benchmarks/cli_startup.py): one process checks every stage's help, and what each imported."""
+    stages = [stage.name for stage in STAGES if stage.name not in HELP_IMPORTS_TRANSFORMERS]
+    code = (
+        "import contextlib, io, sys\n"
+        "from mmed_rag.cli import main\n"
+        f"for stage in {stages!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as shown, contextlib.suppress(SystemExit):\n"
+        "        main([stage, '--help'])\n"
+        "    first = shown.getvalue().splitlines()[0]\n"
+        f"    print(stage, first.startswith('usage: mmed-rag ' + stage), *[m for m in {HEAVY!r} if m in sys.modules])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == [f"{stage} True" for stage in stages], result.stdout

@@ -4,6 +4,8 @@ The merged directory holds the model (LoRA deltas added to the language model's 
 copy in place of the original) and the processor the adapter was trained with, so it loads with
 ``AutoModelForImageTextToText`` / ``AutoProcessor`` like any converted checkpoint and gives the logits of base +
 adapter. A ``merge.json`` beside the weights names the base and the adapter (by path and sha256).
+
+torch, transformers and peft are imported when a merge runs, so ``mmed-rag merge-lora --help`` needs none of them.
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-
-from mmed_rag.adapters import load_lora
 from mmed_rag.atomic import atomic_write_text, publish_directory
 from mmed_rag.config import ConfigError
-from mmed_rag.errors import MMedRAGError
+from mmed_rag.errors import MMedRAGError, model_directory_problem
 from mmed_rag.fingerprint import file_sha256
 from mmed_rag.outputs import claim_outputs
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +51,12 @@ def merge_lora(
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from mmed_rag.adapters import load_lora
+
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
-    if not (base_dir / "config.json").is_file():
-        raise MergeError(f"{base_dir} is not a model directory (no config.json)")
+    problem = model_directory_problem(base_dir)
+    if problem:
+        raise MergeError(problem)
     model = AutoModelForImageTextToText.from_pretrained(
         base_dir, dtype=dtype or "auto", trust_remote_code=trust_remote_code
     )
@@ -102,5 +107,7 @@ def run_merge_lora(config: MergeLoraConfig) -> Path:
 
 
 def _run_merge_lora(config: MergeLoraConfig) -> Path:
+    import torch
+
     dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
     return merge_lora(config.base, config.adapter, config.out, dtype=dtype, trust_remote_code=config.trust_remote_code)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from mmed_rag.atomic import atomic_write_text
-from mmed_rag.demo.report import CONDITIONS, MODALITIES, _cell, _image_use, verdicts
+from mmed_rag.demo.report import _image_use, verdicts, vqa_table
 
 BEGIN, END = "<!-- demo:begin -->", "<!-- demo:end -->"
 PLOTS = ("vqa_accuracy.png", "copying.png")
@@ -27,7 +27,6 @@ def section(figures: dict, assets: str) -> str:
     """The README section for a demo's ``report.json`` figures; plots linked under ``assets``."""
     first = figures["seeds"][0]
     config = figures["config"]
-    conditions = [name for name in CONDITIONS if name in first["vqa"]]
     lines = [
         BEGIN,
         f"Latest `make demo` ({'smoke, ' if config['smoke'] else ''}{config['n']} phantom images, seed "
@@ -44,12 +43,7 @@ def section(figures: dict, assets: str) -> str:
         "",
         "VQA accuracy on the phantom test split, 95% bootstrap intervals:",
         "",
-        "| | " + " | ".join(CONDITIONS[name] for name in conditions) + " |",
-        "|---|" + "---|" * len(conditions),
-        *(
-            f"| {group} | " + " | ".join(_cell(first["vqa"][name][group]["accuracy"]) for name in conditions) + " |"
-            for group in [*MODALITIES, "overall"]
-        ),
+        *vqa_table(first["vqa"]),
         "",
         " ".join(f"![{Path(plot).stem}]({assets}/{plot})" for plot in PLOTS),
         END,

@@ -383,6 +383,20 @@ def _save(figure, path: Path) -> None:
         figure.savefig(tmp, format="png")
 
 
+def vqa_table(vqa: dict) -> list[str]:
+    """Accuracy per modality and condition (95% intervals), and the accuracy of always giving the commoner gold
+    answer: the bar to beat, since the phantom questions are not balanced. Lines of markdown."""
+    conditions = [name for name in CONDITIONS if name in vqa]
+    lines = [
+        "| | " + " | ".join(CONDITIONS[name] for name in conditions) + " | always the commoner answer |",
+        "|---|" + "---|" * (len(conditions) + 1),
+    ]
+    for group in [*MODALITIES, "overall"]:
+        cells = [_cell(vqa[name][group]["accuracy"]) for name in conditions]
+        lines.append(f"| {group} | " + " | ".join(cells) + f" | {vqa[conditions[0]][group]['baseline']:.3f} |")
+    return lines
+
+
 def plot_vqa(figures: dict, path: Path) -> Path:
     """Grouped bars: accuracy per modality and condition, with 95% intervals, and per group the accuracy of always
     giving its commoner gold answer (not 0.5: the phantom questions are not balanced)."""
@@ -570,12 +584,8 @@ def render(figures: dict, out: Path) -> str:
         "",
         "## VQA accuracy (95% bootstrap intervals)",
         "",
-        "| | " + " | ".join(CONDITIONS[c] for c in CONDITIONS if c in first["vqa"]) + " |",
-        "|---|" + "---|" * len([c for c in CONDITIONS if c in first["vqa"]]),
+        *vqa_table(first["vqa"]),
     ]
-    for group in [*MODALITIES, "overall"]:
-        cells = [_cell(first["vqa"][c][group]["accuracy"]) for c in CONDITIONS if c in first["vqa"]]
-        lines.append(f"| {group} | " + " | ".join(cells) + " |")
     lines += ["", "| overall | F1 (yes) | AUC |", "|---|---|---|"]
     for condition in CONDITIONS:
         if condition in first["vqa"]:

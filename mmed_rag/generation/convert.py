@@ -54,10 +54,10 @@ import os
 import pickle
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -75,9 +75,10 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImage
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from mmed_rag.atomic import atomic_write_text
-from mmed_rag.chat_templates import LLAVA_MED_MISTRAL, load_chat_template
-from mmed_rag.config import ConfigError, config_to_dict
+from mmed_rag.chat_templates import load_chat_template
+from mmed_rag.config import config_to_dict
 from mmed_rag.errors import MMedRAGError
+from mmed_rag.generation.configs import DTYPE_NAMES, ConvertConfig
 from mmed_rag.outputs import claim_outputs
 
 logger = logging.getLogger(__name__)
@@ -146,39 +147,11 @@ IMAGE_PROCESSOR_KEYS = (
     "image_std",
     "do_convert_rgb",
 )
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 class ConversionError(MMedRAGError, ValueError):
     """The source cannot be converted as asked: a file, a weight or a setting is missing or unsupported."""
-
-
-@dataclass
-class ConvertConfig:
-    """Arguments of ``mmed-rag convert-llava-med SRC DST``."""
-
-    src: str = field(
-        metadata={"positional": True, "help": "original LLaVA-Med directory (config.json with model_type llava_*)"}
-    )
-    dst: str = field(metadata={"positional": True, "help": "directory to write the transformers LLaVA model to"})
-    vision_tower: str | None = field(
-        default=None,
-        metadata={
-            "help": "local CLIP directory (CLIPVisionModel or CLIPModel, e.g. clip-vit-large-patch14-336): the "
-            "vision tower when SRC does not contain it, and its config and preprocessing in any case"
-        },
-    )
-    dtype: Literal["float16", "bfloat16", "float32"] | None = field(
-        default=None, metadata={"help": "dtype of the written weights (default: that of SRC's text weights)"}
-    )
-    chat_template: str = field(
-        default=LLAVA_MED_MISTRAL, metadata={"help": "chat template set on the processor (mmed_rag.chat_templates)"}
-    )
-    overwrite: bool = field(default=False, metadata={"help": "replace DST if it exists"})
-
-    def __post_init__(self) -> None:
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)} or null, got {self.dtype!r}")
 
 
 # -- reading the original checkpoint ----------------------------------------------------------------------------

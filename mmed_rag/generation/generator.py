@@ -13,50 +13,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from PIL import Image
 
 from mmed_rag.adapters import load_lora
-from mmed_rag.config import ConfigError
 from mmed_rag.data.records import IMAGE_TOKEN
 from mmed_rag.device import resolve_device
 from mmed_rag.errors import MMedRAGError, model_directory_problem
+from mmed_rag.generation.configs import GeneratorConfig
 
 logger = logging.getLogger(__name__)
 
 
 class GeneratorError(MMedRAGError, ValueError):
     """A model directory, adapter or prompt that cannot be used for generation."""
-
-
-@dataclass
-class GeneratorConfig:
-    """How to load and run the generator; the defaults are greedy decoding, as MMed-RAG evaluates."""
-
-    model: str = field(default="", metadata={"help": "local model directory (AutoModelForImageTextToText)"})
-    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter directory from preference tuning"})
-    max_new_tokens: int = field(default=128, metadata={"help": "generated tokens at most"})
-    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
-    stop_strings: tuple[str, ...] = field(default=(), metadata={"help": "stop generating at any of these"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "auto: bfloat16 (or float16) on GPU, float32 on CPU"}
-    )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
-    seed: int = field(default=0, metadata={"help": "seed for sampling"})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "run code shipped with the model directory (only for models you trust)"}
-    )
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ConfigError("max_new_tokens and batch_size must be at least 1")
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:

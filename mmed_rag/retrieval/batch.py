@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmed_rag.config import ConfigError
 from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image
 from mmed_rag.data.records import RetrievalRecord, read_or_skip
 from mmed_rag.device import resolve_device
@@ -34,9 +32,9 @@ from mmed_rag.outputs import claim_outputs
 from mmed_rag.progress import progress_bar
 from mmed_rag.resumable import ResumableOutput
 from mmed_rag.retrieval.clip import create_clip, resolve_clip
+from mmed_rag.retrieval.configs import RetrieveConfig
 from mmed_rag.retrieval.encode import embed_pixels
 from mmed_rag.retrieval.index import IndexMissingError, ReportIndex, Retriever, RetrieverIdentity
-from mmed_rag.retrieval.select import RULES, KSelection
 
 logger = logging.getLogger(__name__)
 
@@ -45,65 +43,6 @@ INDEX_CACHE_DIR = ".mmed-rag-index"
 
 class RetrievalError(MMedRAGError, RuntimeError):
     """A record that cannot be retrieved for (its image is missing or unreadable), or an unusable output path."""
-
-
-@dataclass
-class RetrieveConfig:
-    """Arguments of batch retrieval; the names are the original scripts' flags."""
-
-    eval_json: str = field(
-        metadata={"help": "records to retrieve for: VQA test JSONL or report test JSON", "aliases": ["--eval_jsonl"]}
-    )
-    output_path: str = field(metadata={"help": "JSONL to write: each record + reference_reports + retrieve_k"})
-    img_root: str = field(metadata={"help": "image root that the records' image paths are relative to"})
-    train_json: str | None = field(
-        default=None,
-        metadata={"help": "report corpus (retriever training JSON); indexed once and cached if no --index"},
-    )
-    index: str | None = field(default=None, metadata={"help": "a ReportIndex directory (build-index): no encoding"})
-    model_name_or_path: str = field(
-        default="hf-hub:thaottn/OpenCLIP-resnet50-CC12M",
-        metadata={"help": "retriever: a save_clip directory, a local hub copy, or an open_clip name (+ checkpoint)"},
-    )
-    checkpoint_path: str | None = field(default=None, metadata={"help": "fine-tuned weights to load into the model"})
-    fixed_k: int = field(default=5, metadata={"help": "reports retrieved per record (the cap of adaptive rules)"})
-    clip_threshold: float | None = field(
-        default=None, metadata={"help": "the original ratio rule: keep report i while s_1 / s_i < threshold"}
-    )
-    select_rule: Literal["fixed", "ratio", "gap", "absolute"] | None = field(
-        default=None, metadata={"help": f"selection rule ({', '.join(RULES)}); default: from the original flags"}
-    )
-    select_threshold: float | None = field(
-        default=None, metadata={"help": "parameter of --select-rule: ratio, gamma, or minimum similarity"}
-    )
-    eval_type: str = field(default="test", metadata={"help": "kept for the original scripts' command lines"})
-    batch_size: int = field(default=64, metadata={"help": "images encoded per batch"})
-    workers: int = field(default=0, metadata={"help": "image-loading worker processes"})
-    on_error: Literal["raise", "skip"] = field(
-        default="raise", metadata={"help": "a record with a bad image: stop (raise) or report and leave it out (skip)"}
-    )
-    fresh: bool = field(
-        default=False,
-        metadata={
-            "help": "start over: drop an interrupted run's results instead of resuming, or replace a finished output",
-            "aliases": ["--overwrite"],
-        },
-    )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
-
-    def __post_init__(self) -> None:
-        # The original scripts default their optional paths to "": treat it as not given.
-        for name in ("train_json", "index", "checkpoint_path"):
-            if getattr(self, name) == "":
-                setattr(self, name, None)
-        if self.index is None and self.train_json is None:
-            raise ConfigError("give --index DIR (a built index) or --train_json FILE (the corpus to index)")
-        if self.fixed_k < 1:
-            raise ConfigError(f"fixed_k: expected at least 1, got {self.fixed_k}")
-        self.selection()  # a bad rule or threshold fails here, before any work
-
-    def selection(self) -> KSelection:
-        return KSelection.from_options(self.fixed_k, self.clip_threshold, self.select_rule, self.select_threshold)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,32 +24,11 @@ from mmed_rag.errors import MMedRAGError
 from mmed_rag.fingerprint import file_sha256
 from mmed_rag.outputs import claim_outputs
 from mmed_rag.retrieval.batch import INDEX_CACHE_DIR, cached_index, load_retriever
+from mmed_rag.retrieval.configs import EvalRetrievalConfig
 from mmed_rag.retrieval.encode import encode_images
 from mmed_rag.retrieval.index import ReportIndex
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalRetrievalConfig:
-    """Arguments of ``mmed-rag eval-retrieval``."""
-
-    eval_json: str = field(metadata={"help": "records with ground-truth reports (VQA JSONL, report or retriever JSON)"})
-    img_root: str = field(metadata={"help": "image root of the records' image paths"})
-    out: str = field(metadata={"help": "directory for metrics.json and similarity.png"})
-    model_name_or_path: str = field(metadata={"help": "retriever: a save_clip directory or a name + checkpoint"})
-    checkpoint_path: str | None = field(default=None, metadata={"help": "fine-tuned weights to load into the model"})
-    index: str | None = field(default=None, metadata={"help": "a ReportIndex directory"})
-    train_json: str | None = field(default=None, metadata={"help": "the corpus, indexed (and cached) if no --index"})
-    ks: tuple[int, ...] = field(default=(1, 5, 10), metadata={"help": "recall cut-offs"})
-    batch_size: int = field(default=64, metadata={"help": "images encoded per batch"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
-
-    def __post_init__(self) -> None:
-        if self.index is None and self.train_json is None:
-            raise ConfigError("give --index DIR (a built index) or --train-json FILE (the corpus to index)")
-        if not self.ks or min(self.ks) < 1:
-            raise ConfigError(f"ks: expected positive cut-offs, got {self.ks}")
 
 
 class GroundTruthAbsentError(MMedRAGError):

@@ -34,9 +34,8 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -48,7 +47,7 @@ from open_clip_train.scheduler import cosine_lr
 from torch.utils.data import DataLoader, Dataset
 
 from mmed_rag.atomic import atomic_path, atomic_write_text, publish_directory
-from mmed_rag.config import ConfigError, config_to_dict, save_config
+from mmed_rag.config import config_to_dict, save_config
 from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image, resolve_image_path
 from mmed_rag.data.records import ImageReportRecord, read_retriever_train
 from mmed_rag.device import resolve_device
@@ -59,6 +58,7 @@ from mmed_rag.jsonl import read_jsonl
 from mmed_rag.outputs import claim_outputs
 from mmed_rag.progress import progress_bar
 from mmed_rag.retrieval.clip import WEIGHTS_FILE, create_clip, load_clip_weights, save_clip
+from mmed_rag.retrieval.configs import FinetuneConfig
 from mmed_rag.retrieval.encode import encode_images, encode_texts
 from mmed_rag.retrieval.ranking import NonFiniteScoresError, any_in_top_k, check_finite, recall_at_k
 
@@ -67,15 +67,6 @@ logger = logging.getLogger(__name__)
 KS = (1, 5, 10)
 DIRECTIONS = ("image_to_report", "report_to_image")
 RECALL_KEYS = tuple(f"{direction}_R@{k}" for direction in DIRECTIONS for k in KS)
-SelectMetric = Literal[
-    "image_to_report_R@1",
-    "image_to_report_R@5",
-    "image_to_report_R@10",
-    "report_to_image_R@1",
-    "report_to_image_R@5",
-    "report_to_image_R@10",
-    "mean_recall",
-]
 STATE_FILE = "trainer_state.pt"
 MARKER_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete and never resumed from
 METRICS_FILE = "metrics.jsonl"
@@ -104,80 +95,6 @@ class FinetuneError(MMedRAGError, ValueError):
 
 class ResumeMismatchError(FinetuneError):
     """The run directory holds a run made with a config that differs in a field that matters."""
-
-
-@dataclass
-class FinetuneConfig:
-    """Arguments of ``finetune-clip``; names follow the original script's flags (``--batch-size`` -> batch_size)."""
-
-    train_data: str = field(default="", metadata={"help": "retriever training pairs (JSON list)"})
-    img_root: str = field(default="", metadata={"help": "directory the image paths of the data files are relative to"})
-    dataset_type: str = field(default="", metadata={"help": "the modality this retriever serves, e.g. radiology"})
-    val_data: str | None = field(
-        default=None, metadata={"help": "validation pairs; if unset, val_fraction of train_data's records is held out"}
-    )
-    val_fraction: float = field(
-        default=0.1, metadata={"help": "share of train_data's records held out for validation when val_data is unset"}
-    )
-    model: str = field(
-        default="hf-hub:thaottn/OpenCLIP-resnet50-CC12M",
-        metadata={
-            "help": "open_clip config name, local model directory, or hf-hub: name found in the local HF cache "
-            "(the original's default; never downloaded)"
-        },
-    )
-    checkpoint: str | None = field(default=None, metadata={"help": "weights to start from instead of the model's own"})
-    batch_size: int = field(default=512, metadata={"help": "pairs per step (the original used 512)"})
-    precision: Literal["amp", "bf16", "fp32"] = field(
-        default="amp",
-        metadata={
-            "help": "amp (the original's): float16 autocast + gradient scaling, CUDA only (fp32 on CPU); "
-            "bf16: bfloat16 autocast; fp32: none. Weights stay float32 in every case."
-        },
-    )
-    workers: int = field(default=4, metadata={"help": "data loader worker processes (0: load in the main process)"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate of AdamW (the original's)"})
-    wd: float = field(default=0.2, metadata={"help": "weight decay, not applied to gains, biases and the logit scale"})
-    warmup: int = field(default=100, metadata={"help": "linear warm-up steps before the cosine decay"})
-    epochs: int = field(default=10, metadata={"help": "training epochs; raise it and rerun to train a finished run on"})
-    val_frequency: int = field(
-        default=1, metadata={"help": "evaluate every this many epochs (and always after the last one)"}
-    )
-    select_metric: SelectMetric = field(
-        default="image_to_report_R@5",
-        metadata={"help": "validation metric that picks best/; ties go to the lower val loss"},
-    )
-    report_to: str = field(default="", metadata={"help": "'', 'tensorboard', 'wandb' or 'tensorboard,wandb'"})
-    wandb_project: str = field(default="mmed-rag", metadata={"help": "wandb project, when report_to has wandb"})
-    logs: str = field(default="logs", metadata={"help": "directory that holds the run directories"})
-    name: str | None = field(
-        default=None, metadata={"help": "run directory under logs (default: dataset_type); rerun to resume it"}
-    )
-    seed: int = field(default=0, metadata={"help": "seeds the model's random init, the val split and the data order"})
-    device: str = field(default="auto", metadata={"help": "'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ..."})
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "epochs", "val_frequency"):
-            minimum = 2 if name == "batch_size" else 1  # a contrastive batch needs a negative
-            if getattr(self, name) < minimum:
-                raise ConfigError(f"{name}: expected at least {minimum}, got {getattr(self, name)}")
-        if self.workers < 0 or self.warmup < 0:
-            raise ConfigError(f"workers and warmup: expected >= 0, got {self.workers} and {self.warmup}")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"val_fraction: expected 0 <= val_fraction < 1, got {self.val_fraction}")
-        unknown = set(self.report_targets) - {"tensorboard", "wandb"}
-        if unknown:
-            raise ConfigError(
-                f"report_to: expected '', 'tensorboard', 'wandb' or both comma-separated, got {self.report_to!r}"
-            )
-
-    @property
-    def report_targets(self) -> list[str]:
-        return [target.strip() for target in self.report_to.split(",") if target.strip()]
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.logs) / (self.name or self.dataset_type)
 
 
 # -- data ----------------------------------------------------------------------------------------------------

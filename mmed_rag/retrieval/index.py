@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import faiss
 import numpy as np
@@ -41,13 +41,14 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from mmed_rag.atomic import atomic_path, atomic_write_text
-from mmed_rag.config import ConfigError, save_config
+from mmed_rag.config import save_config
 from mmed_rag.data.records import ImageReportRecord, read_retriever_train
 from mmed_rag.device import resolve_device
 from mmed_rag.errors import MMedRAGError
 from mmed_rag.fingerprint import file_sha256
 from mmed_rag.outputs import claim_outputs
 from mmed_rag.retrieval.clip import LOCAL_DIR_PREFIX, MANIFEST_FILE, create_clip, resolve_clip
+from mmed_rag.retrieval.configs import BuildIndexConfig, IndexKind
 from mmed_rag.retrieval.encode import embedding_dim, encode_texts
 from mmed_rag.retrieval.ranking import NonFiniteScoresError, check_finite
 
@@ -56,7 +57,6 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 REPORTS_FILE = "reports.jsonl"
-IndexKind = Literal["flat", "ivf", "hnsw"]
 KINDS: tuple[str, ...] = ("flat", "ivf", "hnsw")
 # k-means wants this many points per centroid (faiss's own min_points_per_centroid); below it IVF still builds,
 # with a warning, because its centroids are then poorly placed.
@@ -574,37 +574,6 @@ def _versions() -> dict[str, str]:
 
 
 # -- stage -----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class BuildIndexConfig:
-    """Arguments of ``mmed-rag build-index``."""
-
-    retriever: str = field(metadata={"help": "directory of the modality's retriever, as written by save_clip"})
-    corpus: str = field(metadata={"help": "retriever training JSON of the modality: the reports to index"})
-    modality: str = field(metadata={"help": "modality the index serves (radiology, pathology, ophthalmology, ...)"})
-    out: str = field(metadata={"help": "index directory to write (index.faiss, reports.jsonl, manifest.json)"})
-    kind: IndexKind = field(
-        default="flat", metadata={"help": "flat: exact inner product; ivf: k-means cells; hnsw: graph (approximate)"}
-    )
-    batch_size: int = field(default=256, metadata={"help": "reports encoded per batch"})
-    nlist: int | None = field(
-        default=None, metadata={"help": "ivf: number of cells (default: about 4 sqrt(n), at most n/39)"}
-    )
-    nprobe: int = field(default=16, metadata={"help": "ivf: cells searched per query (capped at nlist)"})
-    hnsw_m: int = field(default=32, metadata={"help": "hnsw: links per node"})
-    ef_construction: int = field(default=40, metadata={"help": "hnsw: candidate list size while building"})
-    ef_search: int = field(default=64, metadata={"help": "hnsw: candidate list size while searching"})
-    device: str = field(default="auto", metadata={"help": "device that encodes the reports: auto, cpu, cuda, ..."})
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "nprobe", "ef_construction", "ef_search"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: expected at least 1, got {getattr(self, name)}")
-        if self.nlist is not None and self.nlist < 1:
-            raise ConfigError(f"nlist: expected at least 1 (or null for the default), got {self.nlist}")
-        if self.hnsw_m < 2:
-            raise ConfigError(f"hnsw_m: expected at least 2, got {self.hnsw_m}")
 
 
 def build_index(config: BuildIndexConfig) -> ReportIndex:

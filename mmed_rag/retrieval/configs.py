@@ -1,0 +1,213 @@
+"""The retrieval stages' configs: ``finetune-clip``, ``build-index``, ``retrieve``, ``eval-retrieval``.
+
+Apart from the stages' code, so that building a stage's command line (and its ``--help``) imports neither torch,
+open_clip nor faiss: a dataclass with its defaults and checks needs none of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mmed_rag.config import ConfigError
+from mmed_rag.retrieval.select import RULES, KSelection
+
+SelectMetric = Literal[
+    "image_to_report_R@1",
+    "image_to_report_R@5",
+    "image_to_report_R@10",
+    "report_to_image_R@1",
+    "report_to_image_R@5",
+    "report_to_image_R@10",
+    "mean_recall",
+]
+
+
+@dataclass
+class FinetuneConfig:
+    """Arguments of ``finetune-clip``; names follow the original script's flags (``--batch-size`` -> batch_size)."""
+
+    train_data: str = field(default="", metadata={"help": "retriever training pairs (JSON list)"})
+    img_root: str = field(default="", metadata={"help": "directory the image paths of the data files are relative to"})
+    dataset_type: str = field(default="", metadata={"help": "the modality this retriever serves, e.g. radiology"})
+    val_data: str | None = field(
+        default=None, metadata={"help": "validation pairs; if unset, val_fraction of train_data's records is held out"}
+    )
+    val_fraction: float = field(
+        default=0.1, metadata={"help": "share of train_data's records held out for validation when val_data is unset"}
+    )
+    model: str = field(
+        default="hf-hub:thaottn/OpenCLIP-resnet50-CC12M",
+        metadata={
+            "help": "open_clip config name, local model directory, or hf-hub: name found in the local HF cache "
+            "(the original's default; never downloaded)"
+        },
+    )
+    checkpoint: str | None = field(default=None, metadata={"help": "weights to start from instead of the model's own"})
+    batch_size: int = field(default=512, metadata={"help": "pairs per step (the original used 512)"})
+    precision: Literal["amp", "bf16", "fp32"] = field(
+        default="amp",
+        metadata={
+            "help": "amp (the original's): float16 autocast + gradient scaling, CUDA only (fp32 on CPU); "
+            "bf16: bfloat16 autocast; fp32: none. Weights stay float32 in every case."
+        },
+    )
+    workers: int = field(default=4, metadata={"help": "data loader worker processes (0: load in the main process)"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate of AdamW (the original's)"})
+    wd: float = field(default=0.2, metadata={"help": "weight decay, not applied to gains, biases and the logit scale"})
+    warmup: int = field(default=100, metadata={"help": "linear warm-up steps before the cosine decay"})
+    epochs: int = field(default=10, metadata={"help": "training epochs; raise it and rerun to train a finished run on"})
+    val_frequency: int = field(
+        default=1, metadata={"help": "evaluate every this many epochs (and always after the last one)"}
+    )
+    select_metric: SelectMetric = field(
+        default="image_to_report_R@5",
+        metadata={"help": "validation metric that picks best/; ties go to the lower val loss"},
+    )
+    report_to: str = field(default="", metadata={"help": "'', 'tensorboard', 'wandb' or 'tensorboard,wandb'"})
+    wandb_project: str = field(default="mmed-rag", metadata={"help": "wandb project, when report_to has wandb"})
+    logs: str = field(default="logs", metadata={"help": "directory that holds the run directories"})
+    name: str | None = field(
+        default=None, metadata={"help": "run directory under logs (default: dataset_type); rerun to resume it"}
+    )
+    seed: int = field(default=0, metadata={"help": "seeds the model's random init, the val split and the data order"})
+    device: str = field(default="auto", metadata={"help": "'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ..."})
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "epochs", "val_frequency"):
+            minimum = 2 if name == "batch_size" else 1  # a contrastive batch needs a negative
+            if getattr(self, name) < minimum:
+                raise ConfigError(f"{name}: expected at least {minimum}, got {getattr(self, name)}")
+        if self.workers < 0 or self.warmup < 0:
+            raise ConfigError(f"workers and warmup: expected >= 0, got {self.workers} and {self.warmup}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction: expected 0 <= val_fraction < 1, got {self.val_fraction}")
+        unknown = set(self.report_targets) - {"tensorboard", "wandb"}
+        if unknown:
+            raise ConfigError(
+                f"report_to: expected '', 'tensorboard', 'wandb' or both comma-separated, got {self.report_to!r}"
+            )
+
+    @property
+    def report_targets(self) -> list[str]:
+        return [target.strip() for target in self.report_to.split(",") if target.strip()]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.logs) / (self.name or self.dataset_type)
+
+
+IndexKind = Literal["flat", "ivf", "hnsw"]
+
+
+@dataclass
+class BuildIndexConfig:
+    """Arguments of ``mmed-rag build-index``."""
+
+    retriever: str = field(metadata={"help": "directory of the modality's retriever, as written by save_clip"})
+    corpus: str = field(metadata={"help": "retriever training JSON of the modality: the reports to index"})
+    modality: str = field(metadata={"help": "modality the index serves (radiology, pathology, ophthalmology, ...)"})
+    out: str = field(metadata={"help": "index directory to write (index.faiss, reports.jsonl, manifest.json)"})
+    kind: IndexKind = field(
+        default="flat", metadata={"help": "flat: exact inner product; ivf: k-means cells; hnsw: graph (approximate)"}
+    )
+    batch_size: int = field(default=256, metadata={"help": "reports encoded per batch"})
+    nlist: int | None = field(
+        default=None, metadata={"help": "ivf: number of cells (default: about 4 sqrt(n), at most n/39)"}
+    )
+    nprobe: int = field(default=16, metadata={"help": "ivf: cells searched per query (capped at nlist)"})
+    hnsw_m: int = field(default=32, metadata={"help": "hnsw: links per node"})
+    ef_construction: int = field(default=40, metadata={"help": "hnsw: candidate list size while building"})
+    ef_search: int = field(default=64, metadata={"help": "hnsw: candidate list size while searching"})
+    device: str = field(default="auto", metadata={"help": "device that encodes the reports: auto, cpu, cuda, ..."})
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "nprobe", "ef_construction", "ef_search"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected at least 1, got {getattr(self, name)}")
+        if self.nlist is not None and self.nlist < 1:
+            raise ConfigError(f"nlist: expected at least 1 (or null for the default), got {self.nlist}")
+        if self.hnsw_m < 2:
+            raise ConfigError(f"hnsw_m: expected at least 2, got {self.hnsw_m}")
+
+
+@dataclass
+class RetrieveConfig:
+    """Arguments of batch retrieval; the names are the original scripts' flags."""
+
+    eval_json: str = field(
+        metadata={"help": "records to retrieve for: VQA test JSONL or report test JSON", "aliases": ["--eval_jsonl"]}
+    )
+    output_path: str = field(metadata={"help": "JSONL to write: each record + reference_reports + retrieve_k"})
+    img_root: str = field(metadata={"help": "image root that the records' image paths are relative to"})
+    train_json: str | None = field(
+        default=None,
+        metadata={"help": "report corpus (retriever training JSON); indexed once and cached if no --index"},
+    )
+    index: str | None = field(default=None, metadata={"help": "a ReportIndex directory (build-index): no encoding"})
+    model_name_or_path: str = field(
+        default="hf-hub:thaottn/OpenCLIP-resnet50-CC12M",
+        metadata={"help": "retriever: a save_clip directory, a local hub copy, or an open_clip name (+ checkpoint)"},
+    )
+    checkpoint_path: str | None = field(default=None, metadata={"help": "fine-tuned weights to load into the model"})
+    fixed_k: int = field(default=5, metadata={"help": "reports retrieved per record (the cap of adaptive rules)"})
+    clip_threshold: float | None = field(
+        default=None, metadata={"help": "the original ratio rule: keep report i while s_1 / s_i < threshold"}
+    )
+    select_rule: Literal["fixed", "ratio", "gap", "absolute"] | None = field(
+        default=None, metadata={"help": f"selection rule ({', '.join(RULES)}); default: from the original flags"}
+    )
+    select_threshold: float | None = field(
+        default=None, metadata={"help": "parameter of --select-rule: ratio, gamma, or minimum similarity"}
+    )
+    eval_type: str = field(default="test", metadata={"help": "kept for the original scripts' command lines"})
+    batch_size: int = field(default=64, metadata={"help": "images encoded per batch"})
+    workers: int = field(default=0, metadata={"help": "image-loading worker processes"})
+    on_error: Literal["raise", "skip"] = field(
+        default="raise", metadata={"help": "a record with a bad image: stop (raise) or report and leave it out (skip)"}
+    )
+    fresh: bool = field(
+        default=False,
+        metadata={
+            "help": "start over: drop an interrupted run's results instead of resuming, or replace a finished output",
+            "aliases": ["--overwrite"],
+        },
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+
+    def __post_init__(self) -> None:
+        # The original scripts default their optional paths to "": treat it as not given.
+        for name in ("train_json", "index", "checkpoint_path"):
+            if getattr(self, name) == "":
+                setattr(self, name, None)
+        if self.index is None and self.train_json is None:
+            raise ConfigError("give --index DIR (a built index) or --train_json FILE (the corpus to index)")
+        if self.fixed_k < 1:
+            raise ConfigError(f"fixed_k: expected at least 1, got {self.fixed_k}")
+        self.selection()  # a bad rule or threshold fails here, before any work
+
+    def selection(self) -> KSelection:
+        return KSelection.from_options(self.fixed_k, self.clip_threshold, self.select_rule, self.select_threshold)
+
+
+@dataclass
+class EvalRetrievalConfig:
+    """Arguments of ``mmed-rag eval-retrieval``."""
+
+    eval_json: str = field(metadata={"help": "records with ground-truth reports (VQA JSONL, report or retriever JSON)"})
+    img_root: str = field(metadata={"help": "image root of the records' image paths"})
+    out: str = field(metadata={"help": "directory for metrics.json and similarity.png"})
+    model_name_or_path: str = field(metadata={"help": "retriever: a save_clip directory or a name + checkpoint"})
+    checkpoint_path: str | None = field(default=None, metadata={"help": "fine-tuned weights to load into the model"})
+    index: str | None = field(default=None, metadata={"help": "a ReportIndex directory"})
+    train_json: str | None = field(default=None, metadata={"help": "the corpus, indexed (and cached) if no --index"})
+    ks: tuple[int, ...] = field(default=(1, 5, 10), metadata={"help": "recall cut-offs"})
+    batch_size: int = field(default=64, metadata={"help": "images encoded per batch"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+
+    def __post_init__(self) -> None:
+        if self.index is None and self.train_json is None:
+            raise ConfigError("give --index DIR (a built index) or --train-json FILE (the corpus to index)")
+        if not self.ks or min(self.ks) < 1:
+            raise ConfigError(f"ks: expected positive cut-offs, got {self.ks}")
