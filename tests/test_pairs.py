@@ -135,7 +135,7 @@ def test_runs_must_answer_the_same_items(runs, tmp_path):
     gold = {1: "Yes", 2: "No"}
     short = write_run(tmp_path / "short.jsonl", {1: "Yes", 2: "No"}, gold)
     config = MakePairsConfig(**{**{k: str(v) for k, v in runs.items()}, "noised": str(short)}, out=str(tmp_path / "p"))
-    with pytest.raises(EvalInputError, match=r"rag.jsonl: 3 id\(s\) not answered in all three runs"):
+    with pytest.raises(EvalInputError, match=r"rag.jsonl: 3 id\(s\) not answered in all 3 runs"):
         make_pairs(config)
 
 

@@ -2,27 +2,52 @@
 
 VQA: the yes/no parsed from the answer's first sentence equals the gold one (an unparseable answer is wrong).
 Report generation has no right or wrong, so MMed-RAG counts a report as good when its similarity to the gold
-report is above the mean of the set it was generated in; the metric (BLEU in the original; which order is not
-published, BLEU-4 here) and the threshold are parameters.
+report is above the mean of the set it was generated in; the metric and the threshold are parameters. Ours is
+corpus-tokenised BLEU-4 above the mean; the authors' own judge (their deleted pair builder, read at commit
+f2023ea) is :data:`AUTHORS_JUDGE`: nltk's sentence BLEU (4-gram, smoothing method 7) of the text before the first
+"." (commas removed, whitespace tokens), good when at least the mean (``ReportJudge(metric="authors")``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from mmed_rag.eval.yesno import parse_yes_no
+from mmed_rag.eval.yesno import gold_rule, parse_yes_no
 
 
 def vqa_correct(prediction: str, gold: str, yes_no_rule: str = "standard") -> bool:
     """The answer's yes/no (read by ``yes_no_rule``) is the gold one; False when either does not parse."""
-    label = parse_yes_no(gold)
+    label = parse_yes_no(gold, gold_rule(yes_no_rule))
     return label is not None and parse_yes_no(prediction, yes_no_rule) == label
+
+
+AUTHORS_JUDGE = "authors"
+
+
+def first_sentence_bleu(prediction: str, gold: str) -> float:
+    """The authors' report score: nltk ``sentence_bleu`` with ``SmoothingFunction().method7`` (4-gram, equal
+    weights) of the prediction's first sentence against the gold report's, each the text before its first "."
+    with commas removed, split at whitespace."""
+    import warnings
+
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    def tokens(text: str) -> list[str]:
+        return text.split(".")[0].replace(",", "").split()
+
+    with warnings.catch_warnings():  # nltk warns about zero n-gram counts, which method 7 is there to smooth
+        warnings.simplefilter("ignore", UserWarning)
+        return float(sentence_bleu([tokens(gold)], tokens(prediction), smoothing_function=SmoothingFunction().method7))
 
 
 @dataclass(frozen=True)
 class ReportJudge:
-    """Good report = ``metric`` against the gold report above ``threshold`` ("mean": the judged set's mean)."""
+    """Good report = ``metric`` against the gold report above ``threshold`` ("mean": the judged set's mean).
+
+    ``metric="authors"`` is the authors' judge: :func:`first_sentence_bleu`, good when *at least* the threshold.
+    """
 
     metric: str = "BLEU-4"
     threshold: float | str = "mean"
@@ -30,6 +55,15 @@ class ReportJudge:
     def __post_init__(self) -> None:
         if isinstance(self.threshold, str) and self.threshold != "mean":
             raise ValueError(f"threshold must be a number or 'mean', got {self.threshold!r}")
+
+    def _scores(self, predictions: Sequence[str], golds: Sequence[str], scorer) -> list[float]:
+        if self.metric == AUTHORS_JUDGE:
+            return [first_sentence_bleu(prediction, gold) for prediction, gold in zip(predictions, golds, strict=True)]
+        rows = scorer.score(predictions, golds).per_example if len(predictions) else []
+        return [row[self.metric] for row in rows]
+
+    def good(self, score: float, cutoff: float) -> bool:
+        return score >= cutoff if self.metric == AUTHORS_JUDGE else score > cutoff
 
     @classmethod
     def from_options(cls, metric: str, threshold: str) -> ReportJudge:
@@ -51,15 +85,15 @@ class ReportJudge:
         from mmed_rag.eval.report import ReportScorer
 
         scores: dict[str, list[float]] = {}
-        with ReportScorer((self.metric,)) as scorer:  # one METEOR process for all runs, when METEOR judges
+        authors = self.metric == AUTHORS_JUDGE
+        with contextlib.nullcontext() if authors else ReportScorer((self.metric,)) as scorer:  # one METEOR process
             for run, (predictions, golds) in runs.items():
-                rows = scorer.score(predictions, golds).per_example if len(predictions) else []
-                scores[run] = [row[self.metric] for row in rows]
+                scores[run] = self._scores(predictions, golds, scorer)
         pooled = [score for values in scores.values() for score in values]
         if not pooled:
             return {run: [] for run in runs}
         cutoff = self.cutoff(pooled)
-        return {run: [score > cutoff for score in values] for run, values in scores.items()}
+        return {run: [self.good(score, cutoff) for score in values] for run, values in scores.items()}
 
 
 def judge_runs(

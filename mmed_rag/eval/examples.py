@@ -47,6 +47,7 @@ class Example:
     prompt: str | None = None  # the human turn the model saw (generate writes it)
     images: list[str] = field(default_factory=list)
     where: str = ""  # file and line, for messages
+    image_id: str | int | None = None  # the record's image_id, when it has one (the authors' 2b/2c pair ids)
 
 
 @dataclass
@@ -152,6 +153,7 @@ def read_examples(
                     prompt=values.get("prompt"),
                     images=record.image_paths,
                     where=where,
+                    image_id=values.get("image_id"),
                 )
             )
             answered.add(record.key)

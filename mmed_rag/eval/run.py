@@ -23,7 +23,7 @@ from mmed_rag.atomic import atomic_write_text
 from mmed_rag.config import ConfigError, save_config
 from mmed_rag.eval import plots
 from mmed_rag.eval.examples import EvalInputError, Example, ExampleSet, read_examples
-from mmed_rag.eval.yesno import HOWS
+from mmed_rag.eval.yesno import HOWS, gold_rule
 from mmed_rag.outputs import claim_outputs
 
 logger = logging.getLogger(__name__)
@@ -51,11 +51,12 @@ class EvalConfig:
         default="prediction", metadata={"help": "field holding the answer ('answer' scores gold against itself)"}
     )
     positive: Literal["yes", "no"] = field(default="yes", metadata={"help": "positive class of precision/recall/F1"})
-    yes_no_rule: Literal["standard", "strict"] = field(
+    yes_no_rule: Literal["standard", "strict", "authors"] = field(
         default="standard",
         metadata={
-            "help": "how free-text answers are read as yes/no (vqa, copying): standard, or strict, which counts a "
-            "finding word in text without sentence structure (an untrained model's word salad) as unparseable"
+            "help": "how free-text answers are read as yes/no (vqa, copying): standard; strict, which counts a "
+            "finding word in text without sentence structure (an untrained model's word salad) as unparseable; "
+            "or authors, the MMed-RAG authors' own rule (gold answers read by it too)"
         },
     )
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95%% intervals (0: none)"})
@@ -118,7 +119,7 @@ def _vqa(config: EvalConfig, examples: ExampleSet, out: Path) -> tuple[dict, lis
 
     kept, gold, predicted, readings = [], [], [], []
     for example in examples.examples:
-        label = parse_yes_no(example.gold)
+        label = parse_yes_no(example.gold, gold_rule(config.yes_no_rule))
         if label is None:
             message = (
                 f"{example.where}: field 'answer': gold answer {example.gold!r} of id {example.key!r} is not yes/no"
@@ -241,6 +242,8 @@ def _reading_note(rule: str, read_as: dict[str, int]) -> str:
             logger.warning("%d of %d predictions read as yes/no from word salad: see metrics.md", salad, total)
     elif salad:
         note += f" {salad} without sentence structure were counted as unparseable."
+    if rule == "authors":
+        note += " The authors' rule reads every answer (and gold answer) as yes or no: none is unparseable."
     return note
 
 

@@ -43,7 +43,10 @@ determiner, pronoun, "there", "no", or a connective such as "according"/"based")
 within its first three words ("Cardiomegaly is present."), and it ends with a sentence mark unless it is short
 (six words or fewer: "no pneumothorax"). Every finding-read answer in the released VQA files has that structure;
 of strings of random words from the tiny model's vocabulary, 14% are read as yes/no by the standard rule, 0.75%
-by the strict one. :func:`read_yes_no` says which step gave the label, so an
+by the strict one.
+
+``rule="authors"`` is the MMed-RAG authors' own rule (:func:`authors_yes_no`), for reproducing their pairs and
+numbers; it replaces every step above. :func:`read_yes_no` says which step gave the label, so an
 evaluation can count the readings that rest on a finding word alone.
 """
 
@@ -166,9 +169,9 @@ _ASSERTED_FINDING = re.compile(
 
 # How a label was found (:attr:`Reading.how`): a bare leading label, an explicit answer (step a), hedging (b), a
 # finding cue (c-d) in a sentence with answer structure, a finding cue in words without it, nothing to read.
-How = Literal["bare", "explicit", "uncertain", "finding", "unstructured", "nothing"]
-HOWS: tuple[str, ...] = ("bare", "explicit", "uncertain", "finding", "unstructured", "nothing")
-YES_NO_RULES: tuple[str, ...] = ("standard", "strict")
+How = Literal["bare", "explicit", "uncertain", "finding", "unstructured", "nothing", "authors"]
+HOWS: tuple[str, ...] = ("bare", "explicit", "uncertain", "finding", "unstructured", "nothing", "authors")
+YES_NO_RULES: tuple[str, ...] = ("standard", "strict", "authors")
 
 # Words an English answer sentence opens with before its finding (determiners, pronouns, "there", connectives).
 _SENTENCE_OPENER = re.compile(
@@ -201,6 +204,8 @@ def read_yes_no(text: str, rule: str = "standard") -> Reading:
     """:func:`parse_yes_no`'s label and how it was found."""
     if rule not in YES_NO_RULES:
         raise ValueError(f"yes/no rule: expected one of {', '.join(YES_NO_RULES)}, got {rule!r}")
+    if rule == "authors":
+        return Reading(authors_yes_no(text), "authors")
     body = _strip_preamble(_normalise(text))
     if not body:
         return Reading(None, "nothing")
@@ -220,6 +225,24 @@ def read_yes_no(text: str, rule: str = "standard") -> Reading:
     if _has_answer_structure(sentence, cue):
         return Reading(label, "finding")
     return Reading(None if rule == "strict" else label, "unstructured")
+
+
+def gold_rule(rule: str) -> str:
+    """The rule that reads gold answers when predictions are read by ``rule``: the authors' rule reads both sides
+    (as their pair builder did); otherwise the standard rule, so a gold answer never depends on the strictness."""
+    return "authors" if rule == "authors" else "standard"
+
+
+def authors_yes_no(text: str) -> str:
+    """The MMed-RAG authors' own rule (``parse_answer`` of their deleted pair builder, read at commit f2023ea).
+
+    The words before the first "." (commas removed, split at whitespace): ``"no"`` when "No", "no" or "not" is
+    one of them, else ``"yes"``. Case matters ("NO" and "Not" read as yes), nothing is unparseable (an empty or
+    hedging answer reads as yes), and a negated finding ("There is no effusion") reads as no. Where it and the
+    standard rule disagree on the released answers is counted in the README.
+    """
+    words = text.split(".")[0].replace(",", "").split()
+    return NO if {"No", "no", "not"} & set(words) else YES
 
 
 def _has_answer_structure(sentence: str, cue: int) -> bool:
