@@ -71,8 +71,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def config_from_dict(cls: type[C], values: Mapping[str, Any], source: str = "config") -> C:
-    """Build ``cls`` from a mapping; unknown keys and wrong types are errors naming ``source``."""
+def checked_values(cls: type, values: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """``values`` checked against ``cls``'s fields (unknown keys and wrong types are errors naming ``source``),
+    without building it: a YAML preset may leave a required field, or a field another depends on, to the command
+    line."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"{source}: expected a mapping of field names to values, got {type(values).__name__}")
     types_by_name = _field_types(cls)
@@ -82,6 +84,12 @@ def config_from_dict(cls: type[C], values: Mapping[str, Any], source: str = "con
         raise ConfigError(
             f"{source}: unknown field(s) {', '.join(unknown)}; {cls.__name__} has: {', '.join(sorted(known))}"
         )
+    return {name: _coerce(value, types_by_name[name], f"{source}: {name}") for name, value in values.items()}
+
+
+def config_from_dict(cls: type[C], values: Mapping[str, Any], source: str = "config") -> C:
+    """Build ``cls`` from a mapping; unknown keys and wrong types are errors naming ``source``."""
+    checked = checked_values(cls, values, source)
     missing = sorted(
         f.name
         for f in dataclasses.fields(cls)
@@ -93,7 +101,6 @@ def config_from_dict(cls: type[C], values: Mapping[str, Any], source: str = "con
     if missing:
         options = ", ".join(f"--{name.replace('_', '-')}" for name in missing)
         raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)} (give {options} or a YAML file)")
-    checked = {name: _coerce(value, types_by_name[name], f"{source}: {name}") for name, value in values.items()}
     try:
         return cls(**checked)
     except ConfigError:
@@ -113,7 +120,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping
             raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"config {path} is not valid YAML: {error}") from None
-        values.update(dataclasses.asdict(config_from_dict(cls, loaded or {}, str(path))))
+        values.update(checked_values(cls, loaded or {}, str(path)))
     values.update(overrides or {})
     return config_from_dict(cls, values, "command line" if overrides else str(path or cls.__name__))
 

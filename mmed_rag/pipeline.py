@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from mmed_rag.config import ConfigError, load_config, save_config
-from mmed_rag.data.images import load_image, noised_image
+from mmed_rag.data.images import image_plus_noise, load_image, noised_image
 from mmed_rag.data.records import ImageReportRecord, VQARecord, read_or_skip
 from mmed_rag.device import resolve_device
 from mmed_rag.errors import MMedRAGError
@@ -32,6 +32,7 @@ from mmed_rag.fingerprint import file_sha256, path_fingerprint
 from mmed_rag.generation.configs import PipelineConfig
 from mmed_rag.generation.generator import Generator
 from mmed_rag.generation.prompts import build_prompt, clean_question
+from mmed_rag.jsonl import read_jsonl, write_jsonl
 from mmed_rag.outputs import claim_outputs
 from mmed_rag.progress import progress_bar
 from mmed_rag.resumable import ResumableOutput
@@ -61,9 +62,11 @@ class RunSummary:
     skipped: list[str]
 
 
-def _noise_for(image: Image.Image, key: object, seed: int) -> Image.Image:
-    """The noise image for one record: seeded by the config and the record's id, so reruns see the same one."""
-    return noised_image(image.size, seed=np.random.default_rng([seed, zlib.crc32(repr(key).encode())]))
+def _noise_for(image: Image.Image, key: object, seed: int, noise: str = "replace") -> Image.Image:
+    """The noise image for one record: seeded by the config and the record's id, so reruns see the same one;
+    ``noise`` "replace" draws pure noise, "add" adds it to the image."""
+    rng = np.random.default_rng([seed, zlib.crc32(repr(key).encode())])
+    return image_plus_noise(image, rng) if noise == "add" else noised_image(image.size, seed=rng)
 
 
 class MMedRAG:
@@ -137,8 +140,9 @@ class MMedRAG:
         """(prompt, image shown to the model, reports) for one example; ``sources``: modalities to retrieve from."""
         reports = self.retrieve(image, [modality] if sources is None else sources)
         task = "vqa" if question else "report"
-        prompt = build_prompt(task, modality, clean_question(question) if question else None, reports)
-        shown = _noise_for(image, key, self.config.noise_seed) if self.config.noised_image else image
+        question = clean_question(question) if question else None
+        prompt = build_prompt(task, modality, question, reports, style=self.config.prompt_style)
+        shown = _noise_for(image, key, self.config.noise_seed, self.config.noise) if self.config.noised_image else image
         return prompt, shown, reports
 
     def answer(self, image: str | os.PathLike | Image.Image, question: str | None = None, modality: str | None = None):
@@ -172,7 +176,8 @@ class MMedRAG:
         input before loading the model, so a bad file fails in a second, not after minutes of loading).
         """
         output = Path(output_path)
-        with claim_outputs("generate", files=[output], inputs=[input_path, *self.config.read_paths()]):
+        files = [output, *self.config.output_paths()]
+        with claim_outputs("generate", files=files, inputs=[input_path, *self.config.read_paths()]):
             return self._run_file(input_path, output, read or read_or_skip(input_path, self.config.on_error))
 
     def _run_file(self, input_path, output: Path, read: tuple[list, list[str]]) -> RunSummary:
@@ -223,6 +228,11 @@ class MMedRAG:
                     outputs.append(line)
                 sink.append(outputs)
             written = sink.finish()
+        if self.config.authors_answer_file:
+            from mmed_rag.generation.answer_file import authors_answer_lines
+
+            lines = authors_answer_lines(read_jsonl(output), self.config.model, self.config.noised_image)
+            write_jsonl(self.config.authors_answer_file, lines)
         logger.info("Wrote %d prediction(s) to %s (%d skipped)", written, output, len(skipped))
         return RunSummary(output, written, len(done), skipped)
 

@@ -111,3 +111,16 @@ def test_real_chest_xrays_go_through_the_same_path(real_xrays, tmp_path):
         np.testing.assert_array_equal(loaded[..., 0], pixels)  # grayscale replicated, not rescaled
         noised = noised_image((28, 28), seed=index)
         assert noised.size == (28, 28) and not np.array_equal(np.asarray(noised)[..., 0], pixels)
+
+
+def test_image_plus_noise_keeps_a_trace_of_the_image():
+    from mmed_rag.data.images import image_plus_noise
+
+    white, black = Image.new("L", (32, 32), 255), Image.new("RGB", (32, 32), (0, 0, 0))
+    noisy_white, noisy_black = image_plus_noise(white, seed=1), image_plus_noise(black, seed=1)
+    assert noisy_white.mode == "RGB" and noisy_white.size == (32, 32)
+    assert np.array_equal(np.asarray(image_plus_noise(white, seed=1)), np.asarray(noisy_white))  # seeded
+    # Same draws: the white image stays brighter everywhere (x + noise, clipped, is monotone in x) ...
+    assert (np.asarray(noisy_white) >= np.asarray(noisy_black)).all()
+    # ... and on black, what shows is the positive half of N(0, 1): about half the pixels stay black.
+    assert 0.4 < (np.asarray(noisy_black) == 0).mean() < 0.6

@@ -155,6 +155,45 @@ def test_generate_command(setup, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_the_authors_preset_and_answer_file(setup, tmp_path):
+    """configs/generate/authors.yaml (their prompts, sampling at 0.2, 1024 tokens) completed on the command line,
+    and their answer-file layout written beside ours."""
+    preset = REPO / "configs/generate/authors.yaml"
+    common = ["--model", str(setup / "llava"), "--img-root", str(setup / "data/images"), "--batch-size", "4"]
+    runs = {
+        "plain": ["--no-retrieval", "--max-new-tokens", "4"],
+        "rag": ["--registry", str(setup / "registry.yaml"), "--fixed-k", "2", "--max-new-tokens", "4"],
+    }
+    vqa = setup / "data/test/vqa/radiology_test.jsonl"
+    for name, options in runs.items():
+        output, answers = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.authors.jsonl"
+        argv = ["generate", "--config", str(preset), *common, *options, "--input", str(vqa), "--output", str(output)]
+        assert main([*argv, "--authors-answer-file", str(answers)]) == 0
+        saved = yaml.safe_load((tmp_path / f"{name}.config.yaml").read_text())
+        assert (saved["prompt_style"], saved["do_sample"], saved["temperature"]) == ("authors", True, 0.2)
+        ours, theirs = lines(output), lines(answers)
+        assert len(ours) == len(theirs) > 0
+        for line, answer in zip(ours, theirs, strict=True):
+            fields = ["question_id", "image", "prompt", "answer", "gt_answer", "gt_report"]
+            fields += ["reference_report"] if name == "rag" else []
+            assert list(answer) == [*fields, "noised_image", "model_id", "metadata"]
+            assert answer["answer"] == line["prediction"] and answer["gt_answer"] == line["answer"]
+            assert answer["prompt"] == line["prompt"].replace("<image>", "").strip()
+            assert (answer["question_id"], answer["noised_image"], answer["model_id"]) == (
+                line["question_id"],
+                0,
+                "llava",
+            )
+        if name == "plain":
+            question = ours[0]["question"].replace("<image>", "").strip()
+            assert ours[0]["prompt"] == (
+                f"<image>\n{question} Please answer the question based on the image and choose from the following two "
+                "options: [yes, no]."
+            )
+        else:
+            assert theirs[0]["reference_report"] == ours[0]["reference_reports"]
+
+
 def test_config_needs_a_registry_or_no_retrieval():
     with pytest.raises(ValueError, match="--registry"):
         PipelineConfig(model="x")

@@ -106,6 +106,24 @@ def test_no_report_prompts():
     )
 
 
+def test_the_authors_no_report_prompts():
+    # As their inference scripts wrote them (read at commit f2023ea): the marker first, then the text.
+    assert vqa_prompt("radiology", "Is the heart enlarged? \n<image>", [], style="authors") == (
+        "<image>\nIs the heart enlarged? Please answer the question based on the image and choose from the following "
+        "two options: [yes, no]."
+    )
+    assert report_prompt("ophthalmology", [], style="authors") == (
+        "<image>\nYou are a professional ophthalmologist. Please generate a report based on the fundus image and only "
+        "include the content of the report in your response."
+    )
+    # With reports the two styles agree: the released prompts are the authors'.
+    for task, question in (("vqa", "Is it?"), ("report", None)):
+        same = [build_prompt(task, "radiology", question, ["A."], style=style) for style in ("mmed-rag", "authors")]
+        assert same[0] == same[1]
+    with pytest.raises(ValueError, match="prompt style"):
+        build_prompt("vqa", "radiology", "Is it?", style="llava")
+
+
 @pytest.mark.parametrize("modality", ["radiology", "ophthalmology", "pathology"])
 @pytest.mark.parametrize("count", [0, 1, 3])
 @pytest.mark.parametrize("task", ["report", "vqa"])

@@ -109,6 +109,20 @@ def load_image(
     return open_image(resolve_image_path(image_root, relative_path), max_pixels=max_pixels)
 
 
+def image_plus_noise(image: Image.Image, seed: int | np.random.Generator | None = None) -> Image.Image:
+    """The image with N(0, 1) noise added to every channel on a 0-1 scale, clipped and scaled back to 0-255.
+
+    What the MMed-RAG authors' report inference showed the model for its noise run (``add_gaussian_noise(image,
+    0, 1)`` in their deleted ``inference/llava-med-1.5_report_parellel.py``, read at commit f2023ea), where their
+    VQA inference and DPO training replaced the image (:func:`noised_image`). A pixel keeps its value only where
+    the draw lands near zero: little of the image survives, but not nothing.
+    """
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    noisy = np.clip(pixels + rng.normal(0.0, 1.0, pixels.shape), 0.0, 1.0)
+    return Image.fromarray((noisy * 255).astype(np.uint8))
+
+
 def noised_image(size: tuple[int, int], seed: int | np.random.Generator | None = None) -> Image.Image:
     """MMed-RAG's noised image: pure Gaussian noise replacing the image entirely.
 

@@ -79,6 +79,13 @@ class PipelineConfig:
     no_retrieval: bool = field(default=False, metadata={"help": "answer without reference reports"})
     noised_image: bool = field(default=False, metadata={"help": "show the model a noise image instead (seeded)"})
     noise_seed: int = field(default=0, metadata={"help": "seed of the noise images (mixed with each record's id)"})
+    noise: Literal["replace", "add"] = field(
+        default="replace",
+        metadata={
+            "help": "with --noised-image: replace the image by noise (MMed-RAG's training, the authors' VQA runs) or "
+            "add N(0, 1) noise to it (the authors' report runs)"
+        },
+    )
     yes_no_scores: bool = field(
         default=False,
         metadata={"help": "also write each VQA answer's P(yes) from its first token ('yes_probability', for AUC)"},
@@ -88,7 +95,25 @@ class PipelineConfig:
         metadata={"help": "answer questions with the likelier of 'Yes'/'No' (constrained decoding), not free text"},
     )
     adapter: str | None = field(default=None, metadata={"help": "LoRA adapter from preference tuning"})
+    prompt_style: Literal["mmed-rag", "authors"] = field(
+        default="mmed-rag",
+        metadata={
+            "help": "the prompts without reports: ours (the IU-Xray test set's VQA form), or the authors' inference "
+            "scripts' (configs/generate/authors.yaml)"
+        },
+    )
     max_new_tokens: int = field(default=128, metadata={"help": "generated tokens at most"})
+    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding (seeded per batch)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with --do-sample)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (with --do-sample)"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampling (with --do-sample)"})
+    authors_answer_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "also write the answers in the authors' answer-file layout (question_id, image, prompt, answer, "
+            "gt_answer or gt_report, reference_report, noised_image, model_id, metadata) to this JSONL"
+        },
+    )
     batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "model dtype"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
@@ -105,6 +130,8 @@ class PipelineConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.do_sample and not self.temperature > 0:
+            raise ConfigError(f"temperature: sampling needs a positive temperature, got {self.temperature}")
         if self.unknown_policy == "default" and self.domain_classifier and self.default_modality is None:
             raise ConfigError("unknown_policy 'default' needs --default-modality")
         if not self.no_retrieval and self.registry is None:
@@ -118,11 +145,18 @@ class PipelineConfig:
         """Every file or directory a run reads: no output may be one of them."""
         return [self.input, self.model, self.adapter, self.registry, self.domain_classifier]
 
+    def output_paths(self) -> list[str]:
+        """The files a run writes besides its output."""
+        return [self.authors_answer_file] if self.authors_answer_file else []
+
     def result_options(self) -> dict:
         """The options that change answers (not batch size, device or error handling): a resume must match them."""
-        names = ("no_retrieval", "noised_image", "noise_seed", "modality", "unknown_policy", "default_modality")
+        names = ("no_retrieval", "noised_image", "noise_seed", "noise", "modality", "unknown_policy")
+        names += ("default_modality",)
         names += ("task", "fixed_k", "clip_threshold", "select_rule", "select_threshold", "yes_no_scores")
-        names += ("yes_no_answers", "max_new_tokens", "dtype")
+        names += ("yes_no_answers", "max_new_tokens", "dtype", "prompt_style", "do_sample")
+        if self.do_sample:
+            names += ("temperature", "top_p", "seed", "batch_size")  # a batch's samples depend on its seed
         return {name: getattr(self, name) for name in names} | {"img_root": os.path.abspath(self.img_root)}
 
     def generator_config(self) -> GeneratorConfig:
@@ -130,6 +164,10 @@ class PipelineConfig:
             model=self.model,
             adapter=self.adapter,
             max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
             batch_size=self.batch_size,
             dtype=self.dtype,
             device=self.device,

@@ -39,6 +39,22 @@ sentence. The no-report VQA prompt names no modality, so :func:`parse_prompt` gi
 
 LLaVA's training code moves the ``<image>`` marker to the front of the turn anyway; its position matters only for
 reproducing the files exactly.
+
+``style="authors"`` gives the two no-report forms the authors' inference scripts used (their deleted
+``inference/llava-med-1.5_{closed-vqa,report}_parellel.py``, read at commit f2023ea), so a run can match their
+answer files; the forms with reports are the same in both styles:
+
+==========================  ===================================================================================
+form                        human turn, ``style="authors"``
+==========================  ===================================================================================
+VQA, no reports             ``<image>\n`` {question} Please answer the question based on the image and choose
+                            from the following two options: [yes, no].
+report, no reports          ``<image>\n`` You are a professional {specialist}. Please generate a report based
+                            on the {image, without its article} and only include the content of the report in
+                            your response.
+==========================  ===================================================================================
+
+:func:`parse_prompt` reads the ``mmed-rag`` style only.
 """
 
 from __future__ import annotations
@@ -76,6 +92,13 @@ VQA_WITH_REPORTS = (
     "{question}"
 )
 VQA_WITHOUT_REPORTS = "{question} Please " + YES_NO
+AUTHORS_VQA_WITHOUT_REPORTS = "{question} Please answer the question based on the image and " + YES_NO + "."
+AUTHORS_REPORT_WITHOUT_REPORTS = (
+    "You are a professional {specialist}. Please generate a report based on the {image} and only include the "
+    "content of the report in your response."
+)
+PromptStyle = Literal["mmed-rag", "authors"]
+PROMPT_STYLES: tuple[str, ...] = ("mmed-rag", "authors")
 
 # How the i-th reference report (1-based) is labelled; each report is followed by one space.
 NUMBERINGS: dict[str, str] = {"1.": "{i}. ", "No.1:": "No.{i}: "}
@@ -145,9 +168,21 @@ def format_references(reports: Sequence[str], numbering: str = "1.") -> str:
     return "".join(label.format(i=i) + report + " " for i, report in enumerate(reports, 1))
 
 
-def report_prompt(modality: str, reports: Sequence[str], *, image_token: bool = True, numbering: str = "1.") -> str:
-    """The report-generation human turn; no reports gives our no-retrieval variant."""
+def report_prompt(
+    modality: str,
+    reports: Sequence[str],
+    *,
+    image_token: bool = True,
+    numbering: str = "1.",
+    style: PromptStyle = "mmed-rag",
+) -> str:
+    """The report-generation human turn; no reports gives our no-retrieval variant (or the authors', by ``style``)."""
     wording = modality_wording(modality)
+    if not reports and style == "authors":
+        _check_reports(reports)
+        image = wording.image.split(" ", 1)[1]  # "a fundus image" -> "fundus image": "based on the fundus image"
+        text = AUTHORS_REPORT_WITHOUT_REPORTS.format(specialist=wording.specialist, image=image)
+        return IMAGE_TOKEN + "\n" + text if image_token else text
     if reports:
         text = REPORT_WITH_REPORTS.format(
             specialist=wording.specialist,
@@ -168,11 +203,13 @@ def vqa_prompt(
     *,
     image_token: bool = True,
     numbering: str = "1.",
+    style: PromptStyle = "mmed-rag",
 ) -> str:
     """The yes/no VQA human turn; the question is cleaned with :func:`clean_question` first.
 
-    Without reports this is the IU-Xray test set's ``text`` form, which names no modality: ``modality`` may then
-    be ``None`` (a given one is still checked).
+    Without reports this is the IU-Xray test set's ``text`` form (``style="authors"``: their inference script's
+    form, the marker first), which names no modality: ``modality`` may then be ``None`` (a given one is still
+    checked).
     """
     question = clean_question(question)
     if reports:
@@ -187,6 +224,9 @@ def vqa_prompt(
     _check_reports(reports)
     if modality is not None:
         modality_wording(modality)  # checked, though this form does not name it
+    if style == "authors":
+        text = AUTHORS_VQA_WITHOUT_REPORTS.format(question=question)
+        return IMAGE_TOKEN + "\n" + text if image_token else text
     text = VQA_WITHOUT_REPORTS.format(question=question)
     return text + "\n" + IMAGE_TOKEN if image_token else text
 
@@ -199,17 +239,20 @@ def build_prompt(
     *,
     image_token: bool = True,
     numbering: str = "1.",
+    style: PromptStyle = "mmed-rag",
 ) -> str:
     """The human turn for ``task``: :func:`vqa_prompt` (needs ``question``) or :func:`report_prompt` (takes none)."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; known: {', '.join(PROMPT_STYLES)}")
     if task == "vqa":
         if question is None:
             raise ValueError("a VQA prompt needs a question")
-        return vqa_prompt(modality, question, reports, image_token=image_token, numbering=numbering)
+        return vqa_prompt(modality, question, reports, image_token=image_token, numbering=numbering, style=style)
     if task == "report":
         if question is not None:
             raise ValueError(f"a report prompt takes no question, got {question!r}")
         return report_prompt(
-            _required(modality, "a report prompt"), reports, image_token=image_token, numbering=numbering
+            _required(modality, "a report prompt"), reports, image_token=image_token, numbering=numbering, style=style
         )
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
