@@ -261,3 +261,64 @@ def test_both_recipes_write_pairs_our_dpo_stages_train_on(four_runs, tmp_path):
         assert main(argv) == 0, recipe
         for stage in ("stage1", "stage2"):
             assert (out / stage / "adapter_model.safetensors").is_file(), (recipe, stage)
+
+
+def test_make_pairs_authors_recipe_for_reports_judges_each_comparison_against_its_own_mean(tmp_path):
+    golds = {
+        1: "The heart is enlarged, with a small effusion. Lungs clear.",
+        2: "No acute cardiopulmonary process. Normal heart.",
+        3: "Right lower lobe consolidation. No effusion.",
+        4: "Mild cardiomegaly without edema. Stable.",
+    }
+    answers = {
+        "without_retrieval": {1: golds[1], 2: "Normal heart.", 3: "Right lower lobe consolidation.", 4: "x."},
+        "without_retrieval_noised": {1: "Lungs clear.", 2: "No acute process.", 3: golds[3], 4: "Stable."},
+        # No answer with reports shares a word with its gold report: all eight score exactly 0, the mean is 0, and
+        # every one ties at it. Their judge counts a tie as right, so all four are 2a pairs (strictly above: none).
+        "with_retrieval": dict.fromkeys(golds, "zzz qqq."),
+        "noised": dict.fromkeys(golds, "qqq."),
+    }
+    rows = {
+        run: [
+            {
+                "id": key,
+                "image": f"radiology/img{key}.png",
+                "report": golds[key],
+                "modality": "radiology",
+                "prompt": WITHOUT if run.startswith("without") else WITH,
+                "prediction": text,
+                "reference_reports": [] if run.startswith("without") else ["Heart enlarged."],
+            }
+            for key, text in values.items()
+        ]
+        for run, values in answers.items()
+    }
+    paths = {}
+    for run, records in rows.items():
+        paths[run] = str(tmp_path / f"{run}.json")
+        (tmp_path / f"{run}.json").write_text(json.dumps(records))
+
+    def right(first, second):
+        scores = {run: {k: their_score(answers[run][k], golds[k]) for k in golds} for run in (first, second)}
+        mean = sum(s for values in scores.values() for s in values.values()) / (2 * len(golds))
+        return {run: {k: score >= mean for k, score in values.items()} for run, values in scores.items()}
+
+    stage1 = right("without_retrieval", "without_retrieval_noised")
+    stage2a = right("with_retrieval", "noised")
+    stage2bc = right("without_retrieval", "with_retrieval")
+    expected1 = [k for k in golds if stage1["without_retrieval"][k] and not stage1["without_retrieval_noised"][k]]
+    found_2a = [k for k in golds if stage2a["with_retrieval"][k] and stage2a["noised"][k]]
+    expected_2b = [k for k in golds if stage2bc["without_retrieval"][k] and not stage2bc["with_retrieval"][k]]
+    expected_2c = [k for k in golds if stage2bc["with_retrieval"][k] and not stage2bc["without_retrieval"][k]]
+    assert found_2a == [1, 2, 3, 4] and expected1 and expected_2b  # the tie at work; real stage 1 and 2b pairs
+
+    result = make_pairs(MakePairsConfig(**paths, recipe="authors", task="report", out=str(tmp_path / "pairs")))
+    stage1_records = read_preference(result.stage1).records
+    assert [r.id for r in stage1_records] == expected1
+    assert all(r.chosen == golds[r.id] for r in stage1_records)  # reports: the gold report is chosen
+    assert [r.rejected for r in stage1_records] == [answers["without_retrieval_noised"][k] for k in expected1]
+    kept = random.Random(42).sample(found_2a, int(0.5 * (len(expected_2b) + len(expected_2c))))
+    stage2_ids = [r.id for r in read_preference(result.stage2).records]
+    # 2b and 2c records have no image_id: their id is "" as in the released files.
+    assert stage2_ids == [*kept, *[""] * (len(expected_2b) + len(expected_2c))]
+    assert result.summary["judge_metric"] == "authors" and result.summary["found_2a"] == 4
