@@ -59,6 +59,20 @@ def _run_phantoms(config) -> int:
     return 0
 
 
+def _longitudinal_config() -> type:
+    from mmed_rag.damon.phantoms import LongitudinalConfig
+
+    return LongitudinalConfig
+
+
+def _run_longitudinal(config) -> int:
+    from mmed_rag.damon.phantoms import make_longitudinal_phantoms
+
+    out = make_longitudinal_phantoms(config)
+    print(f"wrote {config.patients} patient pairs (MIMIC-Diff-VQA and DAMON layouts) to {out}")
+    return 0
+
+
 def _tiny_model_config() -> type:
     from mmed_rag.generation.configs import TinyModelConfig
 
@@ -281,6 +295,12 @@ STAGES = (
     ),
     Stage(
         "make-phantoms", "write the procedural phantom data set in the release layout", _phantom_config, _run_phantoms
+    ),
+    Stage(
+        "make-longitudinal-phantoms",
+        "write prior/current chest-film pairs with difference questions (MIMIC-Diff-VQA and DAMON layouts)",
+        _longitudinal_config,
+        _run_longitudinal,
     ),
     Stage(
         "make-tiny-model",

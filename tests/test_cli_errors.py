@@ -265,6 +265,18 @@ CASES = [
         lambda w, t: ["make-phantoms", "--config", str(write(t / "c.yaml", "n: many"))],
         ("c.yaml", "n", "int"),
     ),
+    # make-longitudinal-phantoms
+    Case(
+        "make-longitudinal-phantoms/out-is-a-file",
+        lambda w, t: ["make-longitudinal-phantoms", "--out", str(w.pred), "--patients", "3"],
+        ("pred.jsonl", "is a file"),
+    ),
+    Case(
+        "make-longitudinal-phantoms/not-a-probability",
+        lambda w, t: ["make-longitudinal-phantoms", "--out", str(t / "pairs"), "--appear-probability", "1.5"],
+        ("appear_probability", "probability"),
+        outputs=("pairs",),
+    ),
     # train-domain
     Case(
         "train-domain/missing-train-file",

@@ -1,0 +1,1 @@
+"""DAMON (Zhang et al.): difference-aware multi-image medical VQA, on mmed-rag's records, generator and stages."""

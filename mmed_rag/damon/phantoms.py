@@ -1,0 +1,275 @@
+"""Longitudinal phantoms: a prior and a current chest film of one synthetic patient, with difference questions.
+
+Each patient gets two studies drawn by :func:`mmed_rag.data.phantoms.render_phantom` from one generator seed, so the
+two films share the patient's pose and build (the renderer draws them first), each then with its own exposure and
+detector noise; the findings of the current study
+follow the prior's with a chance to resolve each one and to acquire each absent one. Questions about a pair follow
+MIMIC-Diff-VQA's types and answer wording (read from its generator, Holipori/MIMIC-Diff-VQA ``question_gen.py``):
+
+- ``difference``: "what has changed compared to the reference image?" -> "the main image has an additional finding
+  of X than the reference image. the main image is missing the finding of Y than the reference image." or
+  "nothing has changed.";
+- ``presence``: "is there X?" about the main image -> "yes" / "no" (half of them about an absent finding);
+- ``abnormality``: "what abnormalities are seen in this image?" -> the main image's findings, or "no finding";
+- ``view``: "which view is this image taken?" -> "PA view" (every phantom is a frontal film).
+
+Severity changes (MIMIC-Diff-VQA's ``level`` and the "grow or shrink" cases) and the ``location`` and ``type``
+questions need the renderer to expose a finding's side and size, which it does not yet. For the same reason a
+finding present on both films is drawn afresh on each: once the two films' findings differ, the renderer's random
+draws diverge and a persisting nodule or effusion may change side.
+
+Written twice, so both real loaders are exercised: in MIMIC-Diff-VQA's layout (``mimic_all.csv``,
+``mimic_pair_questions.csv``, images in the MIMIC-CXR-JPG folder tree as PNG) and in DAMON's (InternVL-style JSONL
+per split with a data config, and the evaluation files ``mimicdiff_test.json`` and ``mimic_test_diagnosis.json``).
+The same config gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mmed_rag.atomic import atomic_write_text, publish_directory
+from mmed_rag.config import ConfigError
+from mmed_rag.damon.data import DAMON_CONDITIONS
+from mmed_rag.data.phantoms import FINDINGS, render_phantom
+from mmed_rag.outputs import claim_outputs
+
+# The radiology phantom's findings as MIMIC-Diff-VQA names them, and their index in DAMON's condition list.
+FINDING_NAMES = {
+    "cardiomegaly": "cardiomegaly",
+    "effusion": "pleural effusion",
+    "pneumothorax": "pneumothorax",
+    "nodule": "lung nodule",
+}
+DAMON_INDEX = {"cardiomegaly": 1, "effusion": 9, "pneumothorax": 8, "nodule": 3}
+NO_FINDING = DAMON_CONDITIONS.index("no finding")
+DIFFERENCE_QUESTION = "what has changed compared to the reference image?"
+DAMON_DIFFERENCE_PROMPT = "What has changed between the main image<image>\n and the reference image<image>\n?"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class LongitudinalConfig:
+    """What :func:`make_longitudinal_phantoms` writes."""
+
+    out: str = field(default="longitudinal", metadata={"help": "output directory"})
+    patients: int = field(default=200, metadata={"help": "synthetic patients, two studies each"})
+    size: int = field(default=64, metadata={"help": "image side in pixels"})
+    seed: int = field(default=0, metadata={"help": "random seed; the same config gives byte-identical files"})
+    finding_probability: float = field(default=0.3, metadata={"help": "chance of each finding on the prior film"})
+    resolve_probability: float = field(default=0.35, metadata={"help": "chance that a prior finding is gone"})
+    appear_probability: float = field(default=0.2, metadata={"help": "chance that an absent finding appears"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of the patients in the val split"})
+    test_fraction: float = field(default=0.2, metadata={"help": "share of the patients in the test split"})
+
+    def __post_init__(self) -> None:
+        if self.patients < 3 or self.size < 16:
+            raise ConfigError("patients: at least 3 (one per split); size: at least 16 pixels")
+        for name in ("finding_probability", "resolve_probability", "appear_probability"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name}: expected a probability in [0, 1], got {getattr(self, name)}")
+        if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
+            raise ConfigError("val_fraction and test_fraction: each >= 0, together < 1")
+
+
+@dataclass(frozen=True)
+class PatientPair:
+    """One synthetic patient: the findings of the prior (reference) and the current (main) study."""
+
+    subject_id: str
+    prior_study: str
+    current_study: str
+    prior: tuple[str, ...]
+    current: tuple[str, ...]
+    split: str
+
+
+def difference_answer(current: Sequence[str], prior: Sequence[str]) -> str:
+    """MIMIC-Diff-VQA's difference answer for findings (their names) of the main and the reference study."""
+    added = [name for name in current if name not in prior]
+    missing = [name for name in prior if name not in current]
+    if not added and not missing:
+        return "nothing has changed."
+    parts = []
+    for names, single, several in (
+        (added, "the main image has an additional finding of", "the main image has additional findings of"),
+        (missing, "the main image is missing the finding of", "the main image is missing the findings of"),
+    ):
+        if names:
+            listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+            parts.append(f"{single if len(names) == 1 else several} {listed} than the reference image. ")
+    return "".join(parts)
+
+
+def draw_pairs(config: LongitudinalConfig) -> list[PatientPair]:
+    """Every patient's prior and current findings and split (patients, not images, are split)."""
+    rng = np.random.default_rng([config.seed, 1])
+    names = FINDINGS["radiology"]
+    order = rng.permutation(config.patients)
+    n_test = max(1, round(config.test_fraction * config.patients))
+    n_val = max(1, round(config.val_fraction * config.patients))
+    split_of = {int(p): "test" for p in order[:n_test]} | {int(p): "val" for p in order[n_test : n_test + n_val]}
+    pairs = []
+    for patient in range(config.patients):
+        prior = [name for name in names if rng.random() < config.finding_probability]
+        current = [
+            name
+            for name in names
+            if (
+                rng.random() >= config.resolve_probability
+                if name in prior
+                else rng.random() < config.appear_probability
+            )
+        ]
+        pairs.append(
+            PatientPair(
+                subject_id=str(10_000_000 + patient),
+                prior_study=str(50_000_000 + 2 * patient),
+                current_study=str(50_000_000 + 2 * patient + 1),
+                prior=tuple(prior),
+                current=tuple(current),
+                split=split_of.get(patient, "train"),
+            )
+        )
+    return pairs
+
+
+def _dicom(study: str) -> str:
+    return f"{int(study):08x}-phantom"
+
+
+def image_path(subject: str, study: str) -> str:
+    """Where a study's image lies under the image root: MIMIC-CXR-JPG's tree (``files/p10/p1000.../s5.../x.png``)."""
+    return f"files/p{subject[:2]}/p{subject}/s{study}/{_dicom(study)}.png"
+
+
+def pair_questions(pair: PatientPair, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """``(question_type, question, answer)`` for one pair: difference, two presence, abnormality, view."""
+    current = [FINDING_NAMES[name] for name in pair.current]
+    prior = [FINDING_NAMES[name] for name in pair.prior]
+    questions = [("difference", DIFFERENCE_QUESTION, difference_answer(current, prior))]
+    present = list(pair.current)
+    absent = [name for name in FINDINGS["radiology"] if name not in pair.current]
+    for pool, answer in ((present, "yes"), (absent, "no")):
+        if pool:
+            name = pool[int(rng.integers(len(pool)))]
+            questions.append(("presence", f"is there {FINDING_NAMES[name]}?", answer))
+    questions.append(("abnormality", "what abnormalities are seen in this image?", ", ".join(current) or "no finding"))
+    questions.append(("view", "which view is this image taken?", "PA view"))
+    return questions
+
+
+def _acquire(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """One acquisition of a film: exposure (a gamma of 0.9-1.1) and detector noise (sd 3 grey levels)."""
+    film = (np.asarray(image, dtype=np.float64) / 255.0) ** rng.uniform(0.9, 1.1)
+    film = film * 255.0 + rng.normal(0.0, 3.0, film.shape)
+    return Image.fromarray(np.clip(np.round(film), 0, 255).astype(np.uint8), mode="L")
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def make_longitudinal_phantoms(config: LongitudinalConfig) -> Path:
+    """Write the pairs, images and questions to ``config.out`` in both layouts (replaced whole); return it."""
+    with claim_outputs("make-longitudinal-phantoms", replaced=[config.out]):
+        return _make_longitudinal_phantoms(config)
+
+
+def _make_longitudinal_phantoms(config: LongitudinalConfig) -> Path:
+    out = Path(config.out)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pairs = draw_pairs(config)
+    mimic_all, questions, damon = [], [], {split: [] for split in SPLITS}
+    damon_test, diagnosis = [], []
+    for number, pair in enumerate(pairs):
+        patient_seed = np.random.SeedSequence([config.seed, 2, number])
+        for order, (study, findings) in enumerate(((pair.prior_study, pair.prior), (pair.current_study, pair.current))):
+            # One seed per patient for both films (the renderer draws the pose and build first), then the
+            # study's own exposure and noise, so two films of an unchanged patient still differ.
+            image = render_phantom("radiology", findings, config.size, np.random.default_rng(patient_seed))
+            image = _acquire(image, np.random.default_rng([config.seed, 4, number, order]))
+            target = staging / "images" / image_path(pair.subject_id, study)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image.save(target, format="PNG")
+            mimic_all.append(
+                {
+                    "subject_id": pair.subject_id,
+                    "study_id": study,
+                    "dicom_id": _dicom(study),
+                    "view": "postero-anterior",
+                    "split": pair.split,
+                    "study_order": order + 1,
+                }
+            )
+            indices = sorted(DAMON_INDEX[name] for name in findings) or [NO_FINDING]
+            if pair.split == "test":
+                diagnosis.append(
+                    {
+                        "id": len(diagnosis),
+                        "image": image_path(pair.subject_id, study),
+                        "caption": ", ".join(map(str, indices)),
+                    }
+                )
+        images = [image_path(pair.subject_id, pair.current_study), image_path(pair.subject_id, pair.prior_study)]
+        question_rng = np.random.default_rng([config.seed, 3, number])
+        for kind, question, answer in pair_questions(pair, question_rng):
+            questions.append(
+                {
+                    "study_id": pair.current_study,
+                    "subject_id": pair.subject_id,
+                    "ref_id": pair.prior_study,
+                    "question_type": kind,
+                    "question": question,
+                    "answer": answer,
+                    "split": pair.split,
+                }
+            )
+            if kind != "difference":
+                continue
+            damon[pair.split].append(
+                {
+                    "id": len(damon[pair.split]),
+                    "image": images,
+                    "conversations": [
+                        {"from": "human", "value": DAMON_DIFFERENCE_PROMPT},
+                        {"from": "gpt", "value": answer},
+                    ],
+                }
+            )
+            if pair.split == "test":
+                damon_test.append(
+                    {"id": len(damon_test), "image": images, "prompt": DAMON_DIFFERENCE_PROMPT, "caption": answer}
+                )
+    atomic_write_text(staging / "mimic_all.csv", _csv_text(mimic_all))
+    atomic_write_text(staging / "mimic_pair_questions.csv", _csv_text(questions))
+    damon_dir = staging / "damon"
+    config_entries = {}
+    for split, rows in damon.items():
+        atomic_write_text(damon_dir / f"two_image_{split}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        config_entries[f"two_image_{split}"] = {
+            "root": "../images/",
+            "annotation": f"two_image_{split}.jsonl",
+            "data_augment": False,
+            "repeat_time": 1,
+            "length": len(rows),
+        }
+    atomic_write_text(damon_dir / "data_config.json", json.dumps(config_entries, indent=2) + "\n")
+    atomic_write_text(damon_dir / "mimicdiff_test.json", json.dumps(damon_test))
+    atomic_write_text(damon_dir / "mimic_test_diagnosis.json", json.dumps(diagnosis))
+    publish_directory(staging, out)
+    return out

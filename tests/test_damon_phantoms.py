@@ -1,0 +1,95 @@
+"""Longitudinal phantoms: patient pairs written in MIMIC-Diff-VQA's and DAMON's layouts, read back by the real
+readers, with MIMIC-Diff-VQA's answer wording."""
+
+import hashlib
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmed_rag.damon.data import read_damon_annotations, read_damon_data_config, read_damon_eval, read_mimic_diff_vqa
+from mmed_rag.damon.phantoms import (
+    DAMON_INDEX,
+    NO_FINDING,
+    LongitudinalConfig,
+    difference_answer,
+    draw_pairs,
+    image_path,
+    make_longitudinal_phantoms,
+)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    config = LongitudinalConfig(out=str(tmp_path_factory.mktemp("long") / "pairs"), patients=30, size=32)
+    return config, make_longitudinal_phantoms(config)
+
+
+def test_the_answer_wording_of_mimic_diff_vqa():
+    assert difference_answer(["pleural effusion"], []) == (
+        "the main image has an additional finding of pleural effusion than the reference image. "
+    )
+    assert difference_answer(["a", "b", "c"], ["d", "e"]) == (
+        "the main image has additional findings of a, b and c than the reference image. "
+        "the main image is missing the findings of d and e than the reference image. "
+    )
+    assert difference_answer(["a"], ["a"]) == "nothing has changed."
+
+
+def test_both_layouts_read_back_with_the_real_readers(written):
+    config, out = written
+    pairs = draw_pairs(config)
+    read = read_mimic_diff_vqa(
+        out / "mimic_pair_questions.csv", out / "mimic_all.csv", extension=".png", img_root=out / "images"
+    )
+    assert not read.problems and {r.subject_id for r in read.records} == {p.subject_id for p in pairs}
+    kinds = Counter(r.question_type for r in read.records)
+    assert kinds["difference"] == kinds["abnormality"] == kinds["view"] == 30 and kinds["presence"] >= 30
+    for record in read.records:
+        pair = next(p for p in pairs if p.subject_id == record.subject_id)
+        assert record.images == (
+            image_path(pair.subject_id, pair.current_study),
+            image_path(pair.subject_id, pair.prior_study),
+        )
+    entries = read_damon_data_config(out / "damon/data_config.json")
+    assert [e.name for e in entries] == ["two_image_train", "two_image_val", "two_image_test"]
+    assert sum(len(read_damon_annotations(e).records) for e in entries) == 30
+    test = read_damon_eval(out / "damon/mimicdiff_test.json", "difference", img_root=out / "images").records
+    assert len(test) == sum(p.split == "test" for p in pairs) > 0
+    diagnosis = read_damon_eval(out / "damon/mimic_test_diagnosis.json", "diagnosis", img_root=out / "images").records
+    assert len(diagnosis) == 2 * len(test)
+    expected = [
+        tuple(sorted(DAMON_INDEX[f] for f in findings)) or (NO_FINDING,)
+        for p in pairs
+        if p.split == "test"
+        for findings in (p.prior, p.current)
+    ]
+    assert [r.labels for r in diagnosis] == expected
+
+
+def test_a_patients_two_films_share_the_pose_but_differ(written):
+    config, out = written
+    pair = next(p for p in draw_pairs(config) if p.prior == p.current)  # an unchanged patient
+    prior, current = (
+        np.asarray(Image.open(out / "images" / image_path(pair.subject_id, study)), dtype=float)
+        for study in (pair.prior_study, pair.current_study)
+    )
+    assert 0 < np.abs(prior - current).mean() < 12  # exposure and noise differ; anatomy does not
+    other = next(p for p in draw_pairs(config) if p.subject_id != pair.subject_id)
+    stranger = np.asarray(Image.open(out / "images" / image_path(other.subject_id, other.prior_study)), dtype=float)
+    assert np.abs(prior - stranger).mean() > np.abs(prior - current).mean()
+
+
+def test_the_same_config_gives_the_same_bytes(written, tmp_path):
+    config, out = written
+    again = make_longitudinal_phantoms(LongitudinalConfig(out=str(tmp_path / "again"), patients=30, size=32))
+
+    def digest(root):
+        return {
+            p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        }
+
+    assert digest(out) == digest(again)
