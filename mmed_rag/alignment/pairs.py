@@ -127,17 +127,23 @@ def count_types(pairs: Iterable[Pair]) -> Counter:
     return Counter((pair.modality or "unknown", pair.kind) for pair in pairs)
 
 
-def summary_table(stages: Stages, pairs: Sequence[Pair]) -> str:
-    """Markdown: pairs per modality and type, and per stage."""
+def _kinds_table(pairs: Iterable[Pair], kinds: Sequence[str], total: bool) -> list[str]:
+    """Markdown rows: pairs per modality (then "all") and kind, with a total column when asked."""
     counts = count_types(pairs)
     modalities = sorted({modality for modality, _ in counts})
-    lines = ["| modality | " + " | ".join(PAIR_TYPES) + " | total |", "|---" * (len(PAIR_TYPES) + 2) + "|"]
+    extra = " total |" if total else ""
+    lines = ["| modality | " + " | ".join(kinds) + " |" + extra, "|---" * (len(kinds) + 1 + total) + "|"]
     for modality in [*modalities, "all"]:
         row = [
-            sum(n for (m, kind), n in counts.items() if kind == pair_type and modality in (m, "all"))
-            for pair_type in PAIR_TYPES
+            sum(n for (m, kind), n in counts.items() if kind == wanted and modality in (m, "all")) for wanted in kinds
         ]
-        lines.append(f"| {modality} | " + " | ".join(map(str, row)) + f" | {sum(row)} |")
+        lines.append(f"| {modality} | " + " | ".join(map(str, row)) + " |" + (f" {sum(row)} |" if total else ""))
+    return lines
+
+
+def summary_table(stages: Stages, pairs: Sequence[Pair]) -> str:
+    """Markdown: pairs per modality and type, and per stage."""
+    lines = _kinds_table(pairs, PAIR_TYPES, total=True)
     lines += [
         "",
         "| stage | pairs | cross-modality | overall alignment |",
@@ -297,15 +303,7 @@ def build_authors_stages(
 
 def authors_summary_table(stages: AuthorsStages) -> str:
     """Markdown: pairs per modality and sub-stage (1, 2a as kept, 2b, 2c), and per stage."""
-    counts = count_types([*stages.stage1, *stages.stage2])
-    modalities = sorted({modality for modality, _ in counts})
-    lines = ["| modality | " + " | ".join(AUTHORS_STAGES) + " |", "|---" * (len(AUTHORS_STAGES) + 1) + "|"]
-    for modality in [*modalities, "all"]:
-        row = [
-            sum(n for (m, kind), n in counts.items() if kind == stage and modality in (m, "all"))
-            for stage in AUTHORS_STAGES
-        ]
-        lines.append(f"| {modality} | " + " | ".join(map(str, row)) + " |")
+    lines = _kinds_table([*stages.stage1, *stages.stage2], AUTHORS_STAGES, total=False)
     kept = sum(pair.kind == "2a" for pair in stages.stage2)
     lines += [
         "",

@@ -56,6 +56,11 @@ ImageLayout = Literal["tree", "flat"]
 EvalLayout = Literal["difference", "diagnosis", "vqa"]
 
 
+def listed(names: Sequence[str]) -> str:
+    """Findings as the answers and prompts name them: "a", "a and b", "a, b and c"."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 class DamonDataError(MMedRAGError, ValueError):
     """A DAMON data file or config that cannot be read as it is; the message names the file and the entry."""
 
@@ -127,6 +132,20 @@ def _check_images(
 PAIR_COLUMNS = ("study_id", "subject_id", "ref_id", "question_type", "question", "answer")
 
 
+def _unreadable(path: Path, error: OSError) -> DamonDataError:
+    return DamonDataError(f"{path}: cannot read the file: {error.strerror or error}{relative_base(path)}")
+
+
+def _load_json(path: Path):
+    """A whole JSON file (DAMON's configs and evaluation files are single documents), errors naming file and line."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise _unreadable(path, error) from None
+    except json.JSONDecodeError as error:
+        raise DamonDataError(f"{path}: line {error.lineno}: invalid JSON: {error.msg}") from None
+
+
 def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
     try:
         with open(path, newline="", encoding="utf-8") as handle:
@@ -139,7 +158,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
                 )
             return list(reader)
     except OSError as error:
-        raise DamonDataError(f"{path}: cannot read the file: {error.strerror or error}{relative_base(path)}") from None
+        raise _unreadable(path, error) from None
 
 
 def _study_images(mimic_all: Path, layout: ImageLayout, extension: str) -> dict[str, str]:
@@ -245,12 +264,7 @@ def read_damon_data_config(path: str | os.PathLike, *, check_files: bool = True)
     annotation that is not there is an error naming the entry.
     """
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise DamonDataError(f"{path}: cannot read the file: {error.strerror or error}{relative_base(path)}") from None
-    except json.JSONDecodeError as error:
-        raise DamonDataError(f"{path}: line {error.lineno}: invalid JSON: {error.msg}") from None
+    raw = _load_json(path)
     if not isinstance(raw, dict) or not raw:
         raise DamonDataError(f"{path}: expected an object of datasets (name: {{root, annotation, ...}})")
     entries = []
@@ -321,12 +335,7 @@ def read_damon_eval(
     ``caption`` holds label indices into ``labels``) or ``vqa`` (SLAKE / VQA-RAD: ``type`` OPEN or CLOSED)."""
     path = Path(path)
     problems, fail = _collect(on_error)
-    try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise DamonDataError(f"{path}: cannot read the file: {error.strerror or error}{relative_base(path)}") from None
-    except json.JSONDecodeError as error:
-        raise DamonDataError(f"{path}: line {error.lineno}: invalid JSON: {error.msg}") from None
+    items = _load_json(path)
     if not isinstance(items, list):
         raise DamonDataError(f"{path}: expected a JSON list of records")
     records = []

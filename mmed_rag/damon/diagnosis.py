@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from mmed_rag.damon.data import DAMON_CONDITIONS, ROLES
+from mmed_rag.damon.data import DAMON_CONDITIONS, ROLES, listed
 
 _LEADING_DIGIT = re.compile(r"^\W*([01])(?!\d)")
 _LEADING_WORD = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
@@ -43,10 +43,6 @@ def parse_condition_answer(text: str) -> int | None:
     return None
 
 
-def _listed(names: Sequence[str]) -> str:
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
 def diagnosis_text(labels_by_image: Sequence[Sequence[int]], conditions: Sequence[str] = DAMON_CONDITIONS) -> str:
     """The preliminary diagnosis of images in role order (main, reference, ...): one sentence per image.
 
@@ -62,7 +58,7 @@ def diagnosis_text(labels_by_image: Sequence[Sequence[int]], conditions: Sequenc
         names = [conditions[label] for label in sorted(set(labels)) if conditions[label] != "no finding"]
         subject = f"The {role.replace('-', ' ')} image"
         if names:
-            sentences.append(f"{subject} shows signs of {_listed(names)}.")
+            sentences.append(f"{subject} shows signs of {listed(names)}.")
         else:
             sentences.append(f"{subject} shows no sign of these conditions.")
     return " ".join(sentences)

@@ -39,7 +39,7 @@ from PIL import Image
 
 from mmed_rag.atomic import atomic_write_text, publish_directory
 from mmed_rag.config import ConfigError
-from mmed_rag.damon.data import DAMON_CONDITIONS
+from mmed_rag.damon.data import DAMON_CONDITIONS, listed
 from mmed_rag.data.phantoms import FINDINGS, render_phantom
 from mmed_rag.outputs import claim_outputs
 
@@ -105,8 +105,7 @@ def difference_answer(current: Sequence[str], prior: Sequence[str]) -> str:
         (missing, "the main image is missing the finding of", "the main image is missing the findings of"),
     ):
         if names:
-            listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-            parts.append(f"{single if len(names) == 1 else several} {listed} than the reference image. ")
+            parts.append(f"{single if len(names) == 1 else several} {listed(names)} than the reference image. ")
     return "".join(parts)
 
 
