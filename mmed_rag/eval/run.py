@@ -397,7 +397,7 @@ def _copying(config: EvalConfig, out: Path) -> tuple[dict, list[dict], list[Path
 
         baselines = {}
         for run, examples in runs.items():
-            golds = [parse_yes_no(example.gold) for example in examples.examples]
+            golds = [parse_yes_no(example.gold, gold_rule(config.yes_no_rule)) for example in examples.examples]
             counts = {"n": len(golds), "gold_yes": golds.count("yes"), "gold_no": golds.count("no")}
             baselines[RUN_LABELS[run]] = _majority_share(counts) if golds else None
     figure = plots.bar_chart(
