@@ -57,15 +57,17 @@ def test_both_layouts_read_back_with_the_real_readers(written):
     assert sum(len(read_damon_annotations(e).records) for e in entries) == 30
     test = read_damon_eval(out / "damon/mimicdiff_test.json", "difference", img_root=out / "images").records
     assert len(test) == sum(p.split == "test" for p in pairs) > 0
-    diagnosis = read_damon_eval(out / "damon/mimic_test_diagnosis.json", "diagnosis", img_root=out / "images").records
-    assert len(diagnosis) == 2 * len(test)
-    expected = [
-        tuple(sorted(DAMON_INDEX[f] for f in findings)) or (NO_FINDING,)
-        for p in pairs
-        if p.split == "test"
-        for findings in (p.prior, p.current)
-    ]
-    assert [r.labels for r in diagnosis] == expected
+    for split in ("train", "val", "test"):
+        file = out / f"damon/mimic_{split}_diagnosis.json"
+        diagnosis = read_damon_eval(file, "diagnosis", img_root=out / "images").records
+        expected = [
+            tuple(sorted(DAMON_INDEX[f] for f in findings)) or (NO_FINDING,)
+            for p in pairs
+            if p.split == split
+            for findings in (p.prior, p.current)
+        ]
+        assert [r.labels for r in diagnosis] == expected
+        assert len(diagnosis) == 2 * sum(p.split == split for p in pairs) > 0
 
 
 def test_a_patients_two_films_share_the_pose_but_differ(written):

@@ -20,7 +20,8 @@ draws diverge and a persisting nodule or effusion may change side.
 
 Written twice, so both real loaders are exercised: in MIMIC-Diff-VQA's layout (``mimic_all.csv``,
 ``mimic_pair_questions.csv``, images in the MIMIC-CXR-JPG folder tree as PNG) and in DAMON's (InternVL-style JSONL
-per split with a data config, and the evaluation files ``mimicdiff_test.json`` and ``mimic_test_diagnosis.json``).
+per split with a data config, and the evaluation files ``mimicdiff_test.json`` and ``mimic_test_diagnosis.json``, with
+``mimic_train_diagnosis.json`` and ``mimic_val_diagnosis.json`` in its layout for training a finding classifier).
 The same config gives byte-identical files.
 """
 
@@ -194,7 +195,7 @@ def _make_longitudinal_phantoms(config: LongitudinalConfig) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     pairs = draw_pairs(config)
     mimic_all, questions, damon = [], [], {split: [] for split in SPLITS}
-    damon_test, diagnosis = [], []
+    damon_test, diagnosis = [], {split: [] for split in SPLITS}
     for number, pair in enumerate(pairs):
         patient_seed = np.random.SeedSequence([config.seed, 2, number])
         for order, (study, findings) in enumerate(((pair.prior_study, pair.prior), (pair.current_study, pair.current))):
@@ -216,14 +217,13 @@ def _make_longitudinal_phantoms(config: LongitudinalConfig) -> Path:
                 }
             )
             indices = sorted(DAMON_INDEX[name] for name in findings) or [NO_FINDING]
-            if pair.split == "test":
-                diagnosis.append(
-                    {
-                        "id": len(diagnosis),
-                        "image": image_path(pair.subject_id, study),
-                        "caption": ", ".join(map(str, indices)),
-                    }
-                )
+            diagnosis[pair.split].append(
+                {
+                    "id": len(diagnosis[pair.split]),
+                    "image": image_path(pair.subject_id, study),
+                    "caption": ", ".join(map(str, indices)),
+                }
+            )
         images = [image_path(pair.subject_id, pair.current_study), image_path(pair.subject_id, pair.prior_study)]
         question_rng = np.random.default_rng([config.seed, 3, number])
         for kind, question, answer in pair_questions(pair, question_rng):
@@ -269,6 +269,7 @@ def _make_longitudinal_phantoms(config: LongitudinalConfig) -> Path:
         }
     atomic_write_text(damon_dir / "data_config.json", json.dumps(config_entries, indent=2) + "\n")
     atomic_write_text(damon_dir / "mimicdiff_test.json", json.dumps(damon_test))
-    atomic_write_text(damon_dir / "mimic_test_diagnosis.json", json.dumps(diagnosis))
+    for split, rows in diagnosis.items():  # DAMON ships the test one; train and val train the finding classifier
+        atomic_write_text(damon_dir / f"mimic_{split}_diagnosis.json", json.dumps(rows))
     publish_directory(staging, out)
     return out
