@@ -286,6 +286,33 @@ def _run_predict_domain(config) -> int:
     return 0
 
 
+def _train_findings_config() -> type:
+    from mmed_rag.damon.findings_config import TrainFindingsConfig
+
+    return TrainFindingsConfig
+
+
+def _run_train_findings(config) -> int:
+    from mmed_rag.damon.findings import train_findings
+
+    print(f"finding classifier: {train_findings(config)}")
+    return 0
+
+
+def _diagnose_config() -> type:
+    from mmed_rag.damon.findings_config import DiagnoseConfig
+
+    return DiagnoseConfig
+
+
+def _run_diagnose(config) -> int:
+    from mmed_rag.damon.findings import describe, diagnose
+
+    metrics = diagnose(config)
+    print(f"predictions: {config.out}/predictions.jsonl" + (f"; {describe(metrics)}" if metrics else ""))
+    return 0
+
+
 STAGES = (
     Stage(
         "validate-data",
@@ -301,6 +328,18 @@ STAGES = (
         "write prior/current chest-film pairs with difference questions (MIMIC-Diff-VQA and DAMON layouts)",
         _longitudinal_config,
         _run_longitudinal,
+    ),
+    Stage(
+        "train-findings",
+        "train DAMON's finding classifier (one sigmoid per finding) for the preliminary diagnosis",
+        _train_findings_config,
+        _run_train_findings,
+    ),
+    Stage(
+        "damon-diagnose",
+        "label each image's findings (finding classifier, or the VLM asked per condition) and score them",
+        _diagnose_config,
+        _run_diagnose,
     ),
     Stage(
         "make-tiny-model",

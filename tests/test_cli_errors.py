@@ -300,6 +300,26 @@ CASES = [
         lambda w, t: domain_args(w, t, f"radiology={w.corpus}", out=w.data),
         ("holds the input",),
     ),
+    # train-findings
+    Case(
+        "train-findings/label-outside-the-label-set",
+        lambda w, t: [
+            *("train-findings", "--train-file", str(diagnosis_file(w, t, "1, 99")), "--img-root", str(w.images)),
+            *("--model", "tiny-clip", "--epochs", "1", "--out", str(t / "findings"), "--device", "cpu"),
+        ],
+        ("diagnosis.json", "record 1", "caption", "'99'"),
+        outputs=("findings",),
+    ),
+    # damon-diagnose
+    Case(
+        "damon-diagnose/a-domain-classifier",
+        lambda w, t: [
+            *("damon-diagnose", "--data", str(diagnosis_file(w, t, "1")), "--img-root", str(w.images)),
+            *("--classifier", str(w.domain), "--out", str(t / "diagnosed"), "--device", "cpu"),
+        ],
+        ("domain", "not a finding classifier", "train-findings"),
+        outputs=("diagnosed",),
+    ),
     # predict-domain
     Case(
         "predict-domain/no-classifier",
@@ -662,6 +682,13 @@ CASES = [
     # demo
     Case("demo/out-is-a-file", lambda w, t: ["demo", "--out", str(w.pred)], ("pred.jsonl", "is a file")),
 ]
+
+
+def diagnosis_file(world, tmp: Path, second_caption: str) -> Path:
+    """A DAMON diagnosis file of two images whose second record's labels are ``second_caption``."""
+    first, second = list(dict.fromkeys(line["image"] for line in vqa_lines(world)))[:2]
+    records = [{"id": 0, "image": first, "caption": "1, 9"}, {"id": 1, "image": second, "caption": second_caption}]
+    return write(tmp / "diagnosis.json", json.dumps(records))
 
 
 def sft_data(world, tmp: Path, human: str = "<image>\nIs the heart enlarged?") -> Path:

@@ -10,13 +10,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mmed_rag.classify.config import HeadTraining
 from mmed_rag.config import ConfigError
 from mmed_rag.domain.routing import UNKNOWN
 
 DEFAULT_MAX_DISTANCE = 1.05
-
-
-HeadKind = Literal["linear", "mlp"]
 
 
 def check_limits(threshold: float, max_distance: float | None) -> None:
@@ -45,8 +43,8 @@ def parse_assignments(entries: Sequence[str] | Mapping[str, str], name: str) -> 
     return parsed
 
 
-@dataclass
-class TrainDomainConfig:
+@dataclass(kw_only=True)
+class TrainDomainConfig(HeadTraining):
     """Arguments of ``mmed-rag train-domain``.
 
     ``train_files`` labels images by file: ``["radiology=rad_train.json", "pathology=path_train.json"]`` (on the
@@ -70,21 +68,6 @@ class TrainDomainConfig:
     test_files: tuple[str, ...] = field(
         default=(), metadata={"help": "modality=data-file entries evaluated once after training (held-out figures)"}
     )
-    model: str = field(
-        default="hf-hub:thaottn/OpenCLIP-resnet50-CC12M",
-        metadata={"help": "the image tower: a retriever directory, an open_clip name, or a local hf-hub: copy"},
-    )
-    checkpoint: str | None = field(default=None, metadata={"help": "weights to load into model instead of its own"})
-    head: HeadKind = field(default="linear", metadata={"help": "linear layer, or an MLP with one hidden layer"})
-    hidden: int = field(default=256, metadata={"help": "hidden width of the mlp head"})
-    finetune_tower: bool = field(
-        default=False, metadata={"help": "train the tower too (slower: images are encoded every epoch)"}
-    )
-    epochs: int = field(default=30, metadata={"help": "passes over the training images"})
-    batch_size: int = field(default=64, metadata={"help": "images per step"})
-    lr: float = field(default=1e-2, metadata={"help": "AdamW learning rate of the head"})
-    tower_lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the tower (finetune_tower)"})
-    wd: float = field(default=1e-2, metadata={"help": "AdamW weight decay (not on gains, biases and norms)"})
     class_weighting: Literal["balanced", "none"] = field(
         default="balanced",
         metadata={"help": "balanced: weight the loss by inverse modality frequency, so no modality is a default"},
@@ -100,11 +83,6 @@ class TrainDomainConfig:
         },
     )
     out: str = field(default="domain-classifier", metadata={"help": "classifier directory to write"})
-    workers: int = field(default=0, metadata={"help": "data loader worker processes (0: load in the main process)"})
-    seed: int = field(
-        default=0, metadata={"help": "seeds the random init (head, and a tower without weights), val split, data order"}
-    )
-    device: str = field(default="auto", metadata={"help": "'auto' (CUDA when available), 'cpu', 'cuda', ..."})
 
     def __post_init__(self) -> None:
         for name in ("train_files", "img_roots", "val_files", "test_files"):
@@ -121,17 +99,13 @@ class TrainDomainConfig:
         rootless = [m for m in modalities if not self.img_root and m not in self.roots]
         if rootless:
             raise ConfigError(f"img_root: required (or img_roots entries for {rootless})")
-        for name in ("epochs", "batch_size", "hidden"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: expected at least 1, got {getattr(self, name)}")
+        self.check_training()
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction: expected 0 <= val_fraction < 1, got {self.val_fraction}")
         try:
             check_limits(self.threshold, self.max_distance)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        if self.workers < 0:
-            raise ConfigError(f"workers: expected >= 0, got {self.workers}")
 
     @property
     def train_paths(self) -> dict[str, str]:

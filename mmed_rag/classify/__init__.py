@@ -1,0 +1,1 @@
+"""Image classifiers on CLIP embeddings: the machinery the domain classifier and DAMON's finding classifier share."""
