@@ -138,10 +138,10 @@ class _StopAt(TrainerCallback):
 
 def test_an_interrupted_stage_continues_from_its_checkpoint_to_the_same_weights(world, tmp_path, monkeypatch):
     data = conversations(world, tmp_path / "c.json")
-    straight = train_sft(config(world, tmp_path / "straight", data))
+    straight = train_sft(config(world, tmp_path / "straight", data, val_data=(str(data),)))
     import mmed_rag.training.sft as sft
 
-    run = config(world, tmp_path / "killed", data)
+    run = config(world, tmp_path / "killed", data, val_data=(str(data),))
     with monkeypatch.context() as patch:
         patch.setattr(sft, "StopOnDivergence", lambda stage: _StopAt(3))
         with pytest.raises(KeyboardInterrupt):
@@ -154,6 +154,9 @@ def test_an_interrupted_stage_continues_from_its_checkpoint_to_the_same_weights(
         entry["step"] for entry in json.loads((resumed["final"] / "log_history.json").read_text()) if "loss" in entry
     ]
     assert steps == [1, 2, 3, 4, 5, 6]  # continued, not restarted
+    # The val loss before is the starting weights' (measured before the checkpoint loads), after the trained ones'.
+    before, after = (straight["summaries"]["sft"][key] for key in ("val_loss_before", "val_loss_after"))
+    assert summary["val_loss_before"] == before and summary["val_loss_after"] == pytest.approx(after, abs=1e-5)
     expected = AutoModelForImageTextToText.from_pretrained(straight["final"]).state_dict()
     for name, value in AutoModelForImageTextToText.from_pretrained(resumed["final"]).state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
