@@ -3,8 +3,10 @@
 A stage names its data either as conversation files (``data``, weighted by ``mix``, images under ``image_folder``)
 or as a DAMON data config (``damon_data``: ``model/shell/data/*.json``, unchanged), or both. A config's datasets
 each bring their own image folder (``root``) and weight (``repeat_time``), which is how InternVL's trainer reads
-them, so one run may mix MIMIC-CXR pairs with another data set's images. Both become :class:`DataSource`\\ s, read
-alike by the SFT trainer; an error about a config's record names the config and the dataset as well as the file.
+them, so one run may mix MIMIC-CXR pairs with another data set's images. An entry's ``data_augment`` and
+``max_dynamic_patch`` (InternVL's augmentation and image tiling) are not applied: the trained model's processor
+prepares its images. Both kinds become a :class:`DataSource`, read alike by the SFT trainer; an error about a
+config's record names the config and the dataset as well as the file.
 """
 
 from __future__ import annotations
@@ -48,11 +50,11 @@ def data_sources(
 ) -> list[DataSource]:
     """The sources of ``files`` (weighted by ``mix``, images under ``image_folder``) and of ``damon_config``'s
     datasets; a file that is not there is an error naming the stage (and the config's dataset)."""
-    weights = mix or (1.0,) * len(files)
-    sources = [DataSource(path, image_folder, weight) for path, weight in zip(files, weights, strict=True)]
     for path in files:
         if not Path(path).is_file():
             raise DataSourceError(f"{path}: data file of stage {stage} not found")
+    weights = mix or (1.0,) * len(files)
+    sources = [DataSource(path, image_folder, weight) for path, weight in zip(files, weights, strict=True)]
     if damon_config:
         if not Path(damon_config).is_file():
             raise DataSourceError(f"{damon_config}: DAMON data config of stage {stage} not found")
