@@ -222,13 +222,21 @@ def _train_sft_config() -> type:
     return SFTConfig
 
 
-def _run_train_sft(config) -> int:
+def _run_train_sft(config, kind: str = "SFT") -> int:
     from mmed_rag.training.sft import train_sft
 
     result = train_sft(config)
     for name, directory in result["stages"].items():
-        print(f"SFT stage {name}: {directory} ({result['summaries'][name]['global_step']} steps)")
+        summary = result["summaries"][name]
+        before, after = summary.get("val_loss_before"), summary.get("val_loss_after")
+        val = f", val loss {before:.4f} -> {after:.4f}" if before is not None else ""
+        print(f"{kind} stage {name}: {directory} ({summary['global_step']} steps{val})")
     return 0
+
+
+def _run_damon_train(config) -> int:
+    """DAMON's stages are SFT stages on its data configs (``damon_data``): the same runner, its own report."""
+    return _run_train_sft(config, kind="DAMON")
 
 
 def _merge_lora_config() -> type:
@@ -412,6 +420,12 @@ STAGES = (
         "supervised fine-tuning of an image-text-to-text model on LLaVA conversations, in stages",
         _train_sft_config,
         _run_train_sft,
+    ),
+    Stage(
+        "damon-train",
+        "DAMON's staged fine-tuning (MCA, DCA, DSL, DPM) on its data configs, each stage's val loss before -> after",
+        _train_sft_config,
+        _run_damon_train,
     ),
     Stage(
         "merge-lora",

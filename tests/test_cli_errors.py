@@ -675,6 +675,19 @@ CASES = [
         outputs=("sft",),
     ),
     Case("train-sft/output-is-the-model", lambda w, t: [*sft_args(w, t, output=w.llava)], ("llava", "input")),
+    # damon-train
+    Case(
+        "damon-train/image-missing-under-its-root",
+        lambda w, t: damon_args(w, t, damon_config(w, t)),
+        ("pairs.jsonl", "line 1", "field 'image'", "absent.png", "dataset 'pairs' of", "config.json"),
+        outputs=("damon",),
+    ),
+    Case(
+        "damon-train/annotation-missing",
+        lambda w, t: damon_args(w, t, damon_config(w, t, annotation="absent.jsonl")),
+        ("config.json", "dataset 'pairs'", "annotation", "absent.jsonl"),
+        outputs=("damon",),
+    ),
     # make-tiny-model
     Case(
         "make-tiny-model/out-is-a-file", lambda w, t: ["make-tiny-model", "--out", str(w.pred)], ("pred.jsonl", "file")
@@ -704,6 +717,28 @@ def sft_args(world, tmp: Path, output=None) -> list[str]:
     return [
         *("train-sft", "--model", str(world.llava), "--data", str(sft_data(world, tmp))),
         *("--image-folder", str(world.images), "--output-dir", str(output or tmp / "sft"), "--max-steps", "1"),
+    ]
+
+
+def damon_config(world, tmp: Path, annotation: str = "pairs.jsonl") -> Path:
+    """A DAMON data config of one dataset ("pairs", images under the phantoms' root): a main image and a reference
+    image that is not there."""
+    images = [world.first_image, "radiology/absent.png"]
+    human = "What has changed between the main image<image>\n and the reference image<image>\n?"
+    record = {
+        "id": 0,
+        "image": images,
+        "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": "nothing has changed."}],
+    }
+    write(tmp / "pairs.jsonl", json.dumps(record) + "\n")
+    entry = {"root": str(world.images), "annotation": annotation, "repeat_time": 1, "data_augment": False}
+    return write(tmp / "config.json", json.dumps({"pairs": entry}))
+
+
+def damon_args(world, tmp: Path, config: Path) -> list[str]:
+    return [
+        *("damon-train", "--model", str(world.llava), "--damon-data", str(config)),
+        *("--output-dir", str(tmp / "damon"), "--max-steps", "1"),
     ]
 
 

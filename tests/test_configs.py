@@ -12,6 +12,7 @@ from mmed_rag.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
+STAGE_BY_NAME["damon"] = STAGE_BY_NAME["damon-train"]  # configs/damon/: DAMON's presets, for damon-train
 # Preset folders of pass-through stages (TrainingArguments configs, parsed by HfArgumentParser).
 PASSTHROUGH_FOLDERS = {"dpo": "train-dpo"}
 PRESETS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name in STAGE_BY_NAME)

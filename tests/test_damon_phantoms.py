@@ -1,14 +1,22 @@
 """Longitudinal phantoms: patient pairs written in MIMIC-Diff-VQA's and DAMON's layouts, read back by the real
-readers, with MIMIC-Diff-VQA's answer wording."""
+readers, with MIMIC-Diff-VQA's answer wording, and the data of DAMON's four fine-tuning stages."""
 
 import hashlib
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from mmed_rag.damon.data import read_damon_annotations, read_damon_data_config, read_damon_eval, read_mimic_diff_vqa
+from mmed_rag.damon.data import (
+    DAMON_CONDITIONS,
+    read_damon_annotations,
+    read_damon_data_config,
+    read_damon_eval,
+    read_mimic_diff_vqa,
+)
+from mmed_rag.damon.diagnosis import condition_question
 from mmed_rag.damon.phantoms import (
     DAMON_INDEX,
     NO_FINDING,
@@ -95,3 +103,36 @@ def test_the_same_config_gives_the_same_bytes(written, tmp_path):
         }
 
     assert digest(out) == digest(again)
+
+
+def test_each_of_damons_four_stages_has_a_data_config_per_split(written):
+    config, out = written
+    pairs = draw_pairs(config)
+    csv_questions = read_mimic_diff_vqa(out / "mimic_pair_questions.csv", out / "mimic_all.csv", extension=".png")
+    for split in ("train", "val", "test"):
+        patients = [p for p in pairs if p.split == split]
+        records = {}
+        for stage in ("mca", "dca", "dsl", "dpm"):
+            (entry,) = read_damon_data_config(out / f"damon/data_config_{stage}_{split}.json")
+            assert entry.name == f"{stage}_{split}" and Path(entry.root).resolve() == (out / "images").resolve()
+            records[stage] = read_damon_annotations(entry).records
+            assert entry.length == len(records[stage])
+            for record in records[stage]:
+                assert all((Path(entry.root) / image).is_file() for image in record.images)
+        films = [image_path(p.subject_id, study) for p in patients for study in (p.prior_study, p.current_study)]
+        assert [r.images for r in records["mca"]] == [r.images for r in records["dca"]] == [[f] for f in films]
+        assert all(len(r.conversations) == 12 for r in records["dca"])  # 4 presence, abnormality, view
+        questions = [r for r in csv_questions.records if r.split == split]
+        assert [(r.images, r.conversations[-1].value.strip()) for r in records["dsl"]] == [
+            (list(q.images), q.answer) for q in questions
+        ]  # main image first, then the reference; the answers of mimic_pair_questions.csv
+        diagnosis = read_damon_eval(out / f"damon/mimic_{split}_diagnosis.json", "diagnosis").records
+        answers = {(r.images[0], r.conversations[0].value): r.conversations[1].value for r in records["dpm"]}
+        assert len(answers) == 5 * len(films)
+        for film in diagnosis:
+            for index in (1, 3, 8, 9, NO_FINDING):  # the conditions the phantoms draw, and "no finding"
+                asked = condition_question(DAMON_CONDITIONS[index])
+                assert answers[(film.images[0], asked)] == ("1" if index in film.labels else "0")
+    first = read_damon_annotations(read_damon_data_config(out / "damon/data_config_mca_train.json")[0]).records[0]
+    assert first.conversations[0].value == "<image>\nDescribe the findings of this chest X-ray."
+    assert first.conversations[1].value.startswith("A frontal chest X-ray")

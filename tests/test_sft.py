@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 from mmed_rag.alignment.dataset import sequence_lengths
 from mmed_rag.cli import main
 from mmed_rag.data.records import read_conversations
-from mmed_rag.training.sft import PathImageCollator, SFTConfig, conversation_rows, load_rows, train_sft
+from mmed_rag.training.sft import PathImageCollator, SFTConfig, conversation_rows, load_rows, stage_sources, train_sft
 
 
 def conversations(world, path: Path, copies: int = 1) -> Path:
@@ -62,7 +62,7 @@ def processor(world):
 
 def test_only_the_answer_tokens_carry_a_loss(world, tmp_path, processor):
     data = conversations(world, tmp_path / "c.json")
-    rows, _ = load_rows(config(world, tmp_path, data).plan()[0], str(world.images), "raise", 0)
+    rows, _ = load_rows(stage_sources(config(world, tmp_path, data).plan()[0], str(world.images))[0], "raise", 0)
     collator = PathImageCollator(processor=processor, max_length=None, completion_only_loss=True)
     batch = collator.torch_call([dict(row) for row in rows[:3]])
     for index, row in enumerate(rows[:3]):
@@ -97,8 +97,9 @@ class _Logits(TrainerCallback):
 
 def test_the_loss_falls_and_the_saved_model_reloads_to_identical_logits(world, tmp_path, processor, monkeypatch):
     data = conversations(world, tmp_path / "c.json", copies=3)
-    run = config(world, tmp_path, data, max_steps=12)
-    rows, _ = load_rows(run.plan()[0], str(world.images), "raise", 0)
+    val = conversations(world, tmp_path / "val.json")  # the same questions: their loss falls with the training loss
+    run = config(world, tmp_path, data, max_steps=12, val_data=(str(val),), eval_steps=6, plot=True)
+    rows, _ = load_rows(stage_sources(run.plan()[0], str(world.images))[0], "raise", 0)
     batch = PathImageCollator(processor=processor, max_length=None, completion_only_loss=True).torch_call(
         [dict(row) for row in rows[:2]]
     )
@@ -112,6 +113,12 @@ def test_the_loss_falls_and_the_saved_model_reloads_to_identical_logits(world, t
     losses = [entry["loss"] for entry in history if "loss" in entry]
     # From ln(vocabulary) = 6.6 down; the last three steps average 0.70x the first three (measured).
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    summary = result["summaries"]["sft"]
+    val_losses = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
+    assert [step for step, _ in val_losses] == [0, 6, 12, 12]  # before, every 6 steps, after
+    assert val_losses[0][1] == summary["val_loss_before"] and val_losses[-1][1] == summary["val_loss_after"]
+    assert summary["val_loss_after"] < 0.8 * summary["val_loss_before"] and summary["val_rows"] == 8
+    assert (result["final"] / "curves.png").read_bytes()[:4] == b"\x89PNG"
     reloaded = AutoModelForImageTextToText.from_pretrained(result["final"]).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, probe.logits, rtol=0, atol=0)
@@ -131,10 +138,10 @@ class _StopAt(TrainerCallback):
 
 def test_an_interrupted_stage_continues_from_its_checkpoint_to_the_same_weights(world, tmp_path, monkeypatch):
     data = conversations(world, tmp_path / "c.json")
-    straight = train_sft(config(world, tmp_path / "straight", data))
+    straight = train_sft(config(world, tmp_path / "straight", data, val_data=(str(data),)))
     import mmed_rag.training.sft as sft
 
-    run = config(world, tmp_path / "killed", data)
+    run = config(world, tmp_path / "killed", data, val_data=(str(data),))
     with monkeypatch.context() as patch:
         patch.setattr(sft, "StopOnDivergence", lambda stage: _StopAt(3))
         with pytest.raises(KeyboardInterrupt):
@@ -147,6 +154,9 @@ def test_an_interrupted_stage_continues_from_its_checkpoint_to_the_same_weights(
         entry["step"] for entry in json.loads((resumed["final"] / "log_history.json").read_text()) if "loss" in entry
     ]
     assert steps == [1, 2, 3, 4, 5, 6]  # continued, not restarted
+    # The val loss before is the starting weights' (measured before the checkpoint loads), after the trained ones'.
+    before, after = (straight["summaries"]["sft"][key] for key in ("val_loss_before", "val_loss_after"))
+    assert summary["val_loss_before"] == before and summary["val_loss_after"] == pytest.approx(after, abs=1e-5)
     expected = AutoModelForImageTextToText.from_pretrained(straight["final"]).state_dict()
     for name, value in AutoModelForImageTextToText.from_pretrained(resumed["final"]).state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)

@@ -22,7 +22,11 @@ Written twice, so both real loaders are exercised: in MIMIC-Diff-VQA's layout (`
 ``mimic_pair_questions.csv``, images in the MIMIC-CXR-JPG folder tree as PNG) and in DAMON's (InternVL-style JSONL
 per split with a data config, and the evaluation files ``mimicdiff_test.json`` and ``mimic_test_diagnosis.json``, with
 ``mimic_train_diagnosis.json`` and ``mimic_val_diagnosis.json`` in its layout for training a finding classifier).
-The same config gives byte-identical files.
+For DAMON's four fine-tuning stages (MCA, DCA, DSL, DPM; :mod:`mmed_rag.damon.stage_data`) each split also gets one
+annotation file per stage, ``damon/{stage}_{split}.jsonl``, and a DAMON data config naming it,
+``damon/data_config_{stage}_{split}.json`` (the images under ``../images/``): a caption per film, the single-image
+questions per film, the pair's questions (those of ``mimic_pair_questions.csv``), and the condition questions per
+film. The same config gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from PIL import Image
 
 from mmed_rag.atomic import atomic_write_text, publish_directory
 from mmed_rag.config import ConfigError
+from mmed_rag.damon import stage_data
 from mmed_rag.damon.data import DAMON_CONDITIONS, listed
 from mmed_rag.data.phantoms import FINDINGS, render_phantom
 from mmed_rag.outputs import claim_outputs
@@ -56,6 +61,8 @@ NO_FINDING = DAMON_CONDITIONS.index("no finding")
 DIFFERENCE_QUESTION = "what has changed compared to the reference image?"
 DAMON_DIFFERENCE_PROMPT = "What has changed between the main image<image>\n and the reference image<image>\n?"
 SPLITS = ("train", "val", "test")
+# DPM asks about every condition the phantoms can draw, and "no finding".
+DIAGNOSIS_ASKED = (*(DAMON_CONDITIONS[index] for index in DAMON_INDEX.values()), "no finding")
 
 
 @dataclass
@@ -183,6 +190,20 @@ def _csv_text(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def _write_annotations(damon_dir: Path, name: str, rows: list[dict]) -> dict[str, dict]:
+    """``name``.jsonl in ``damon_dir``, and its entry in a DAMON data config (images in ``../images/``)."""
+    atomic_write_text(damon_dir / f"{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    return {
+        name: {
+            "root": "../images/",
+            "annotation": f"{name}.jsonl",
+            "data_augment": False,
+            "repeat_time": 1,
+            "length": len(rows),
+        }
+    }
+
+
 def make_longitudinal_phantoms(config: LongitudinalConfig) -> Path:
     """Write the pairs, images and questions to ``config.out`` in both layouts (replaced whole); return it."""
     with claim_outputs("make-longitudinal-phantoms", replaced=[config.out]):
@@ -196,6 +217,8 @@ def _make_longitudinal_phantoms(config: LongitudinalConfig) -> Path:
     pairs = draw_pairs(config)
     mimic_all, questions, damon = [], [], {split: [] for split in SPLITS}
     damon_test, diagnosis = [], {split: [] for split in SPLITS}
+    staged = {stage: {split: [] for split in SPLITS} for stage in stage_data.STAGES}
+    drawable = [FINDING_NAMES[name] for name in FINDINGS["radiology"]]
     for number, pair in enumerate(pairs):
         patient_seed = np.random.SeedSequence([config.seed, 2, number])
         for order, (study, findings) in enumerate(((pair.prior_study, pair.prior), (pair.current_study, pair.current))):
@@ -217,6 +240,11 @@ def _make_longitudinal_phantoms(config: LongitudinalConfig) -> Path:
                 }
             )
             indices = sorted(DAMON_INDEX[name] for name in findings) or [NO_FINDING]
+            film, names = image_path(pair.subject_id, study), [FINDING_NAMES[name] for name in findings]
+            staged["mca"][pair.split].append(stage_data.caption(film, names))
+            staged["dca"][pair.split].append(stage_data.single_image_questions(film, names, drawable))
+            conditions = [DAMON_CONDITIONS[index] for index in indices]
+            staged["dpm"][pair.split] += stage_data.condition_questions(film, conditions, DIAGNOSIS_ASKED)
             diagnosis[pair.split].append(
                 {
                     "id": len(diagnosis[pair.split]),
@@ -227,6 +255,9 @@ def _make_longitudinal_phantoms(config: LongitudinalConfig) -> Path:
         images = [image_path(pair.subject_id, pair.current_study), image_path(pair.subject_id, pair.prior_study)]
         question_rng = np.random.default_rng([config.seed, 3, number])
         for kind, question, answer in pair_questions(pair, question_rng):
+            staged["dsl"][pair.split].append(
+                stage_data.pair_question(images, kind, question, answer, DAMON_DIFFERENCE_PROMPT)
+            )
             questions.append(
                 {
                     "study_id": pair.current_study,
@@ -259,15 +290,12 @@ def _make_longitudinal_phantoms(config: LongitudinalConfig) -> Path:
     damon_dir = staging / "damon"
     config_entries = {}
     for split, rows in damon.items():
-        atomic_write_text(damon_dir / f"two_image_{split}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-        config_entries[f"two_image_{split}"] = {
-            "root": "../images/",
-            "annotation": f"two_image_{split}.jsonl",
-            "data_augment": False,
-            "repeat_time": 1,
-            "length": len(rows),
-        }
+        config_entries |= _write_annotations(damon_dir, f"two_image_{split}", rows)
     atomic_write_text(damon_dir / "data_config.json", json.dumps(config_entries, indent=2) + "\n")
+    for stage, splits in staged.items():
+        for split, rows in splits.items():
+            entry = _write_annotations(damon_dir, f"{stage}_{split}", [{"id": n, **row} for n, row in enumerate(rows)])
+            atomic_write_text(damon_dir / f"data_config_{stage}_{split}.json", json.dumps(entry, indent=2) + "\n")
     atomic_write_text(damon_dir / "mimicdiff_test.json", json.dumps(damon_test))
     for split, rows in diagnosis.items():  # DAMON ships the test one; train and val train the finding classifier
         atomic_write_text(damon_dir / f"mimic_{split}_diagnosis.json", json.dumps(rows))

@@ -18,7 +18,11 @@ open images from paths batch by batch. What trains is chosen per stage:
 
 A run is a list of stages (``stages`` in the YAML, each with its data files, their mix, epochs or steps, learning
 rate and what trains), each starting from the previous stage's weights; without ``stages`` the top-level options
-are the one stage. Stages resume, skip when finished and publish whole (:mod:`mmed_rag.training.stages`)::
+are the one stage. A stage's data may also be a DAMON data config (``damon_data``, :mod:`mmed_rag.training.sources`:
+each dataset's images under its own root, its ``repeat_time`` as its mix). Given val data (``val_data`` files or
+a ``damon_val_data`` config), a stage measures the answer-only loss on it with its starting weights and its
+trained ones (and every ``eval_steps``): ``val_loss_before`` and ``val_loss_after`` in ``stage.json``, the points in
+``curves.png``. Stages resume, skip when finished and publish whole (:mod:`mmed_rag.training.stages`)::
 
     output_dir/<stage>/              the model (or adapter) + processor + stage.json + curves.png
     output_dir/checkpoints/<stage>/  checkpoint-* of a running stage
@@ -40,12 +44,13 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 from mmed_rag.alignment.collator import with_bos
 from mmed_rag.config import ConfigError, save_config
 from mmed_rag.data.images import ImagePathError, open_image, resolve_image_path
-from mmed_rag.data.records import IMAGE_TOKEN, ConversationRecord, RecordError, read_conversations
+from mmed_rag.data.records import IMAGE_TOKEN, ConversationRecord, RecordError
 from mmed_rag.divergence import StopOnDivergence
 from mmed_rag.errors import MMedRAGError, model_directory_problem
 from mmed_rag.fingerprint import file_sha256, path_fingerprint
 from mmed_rag.outputs import claim_outputs
 from mmed_rag.training.sft_config import SFTConfig, SFTStage, Trainable
+from mmed_rag.training.sources import DataSource, data_sources
 from mmed_rag.training.stages import finished_summary, last_checkpoint, plot_loss, publish_stage, record_identity
 
 logger = logging.getLogger(__name__)
@@ -95,32 +100,33 @@ def conversation_rows(record: ConversationRecord, images: list[str]) -> list[dic
     return rows
 
 
-def mixed(groups: list[list[dict]], mix: tuple[float, ...], seed: int) -> list[dict]:
+def mixed(groups: list[list[dict]], weights: list[float], seed: int) -> list[dict]:
     """Each file's rows ``weight`` times (whole copies, then a seeded sample of the rest), shuffled together."""
     rng = random.Random(seed)
     rows: list[dict] = []
-    for group, weight in zip(groups, mix or (1.0,) * len(groups), strict=True):
+    for group, weight in zip(groups, weights, strict=True):
         copies, rest = int(weight), weight - int(weight)
         rows += group * copies + rng.sample(group, round(rest * len(group)))
     rng.shuffle(rows)
     return rows
 
 
-def load_rows(stage: SFTStage, image_folder: str, on_error: str, seed: int) -> tuple[list[dict], list[str]]:
-    """The stage's training rows, and one message per record left out (``on_error="skip"``)."""
+def load_rows(sources: list[DataSource], on_error: str, seed: int) -> tuple[list[dict], list[str]]:
+    """The rows of ``sources``, mixed by their weights, and one message per record left out (``on_error="skip"``)."""
     groups, skipped = [], []
-    for path in stage.data:
-        result = read_conversations(path, on_error=on_error)
+    for source in sources:
+        result = source.read(on_error)
         skipped += [str(error) for error in result.errors]
         rows = []
         for record, position in zip(result.records, result.positions, strict=True):
             try:
-                images = [str(resolve_image_path(image_folder, image)) for image in record.image_paths]
+                images = [str(resolve_image_path(source.image_folder, image)) for image in record.image_paths]
                 missing = [image for image in images if not Path(image).is_file()]
                 if missing:
                     raise ImagePathError(f"image not found: {missing[0]}")
             except ImagePathError as error:
-                problem = RecordError(path, position, "image", str(error))
+                where = f" ({source.origin}, images under its root {source.image_folder})" if source.origin else ""
+                problem = RecordError(source.path, position, "image", f"{error}{where}")
                 if on_error == "raise":
                     raise problem from None
                 skipped.append(str(problem))
@@ -129,10 +135,15 @@ def load_rows(stage: SFTStage, image_folder: str, on_error: str, seed: int) -> t
         groups.append(rows)
     for message in skipped:
         logger.warning("skipping %s", message)
-    rows = mixed(groups, stage.mix, seed)
-    if not rows:
-        raise SFTError(f"stage {stage.name}: no training row in {', '.join(stage.data)}")
-    return rows, skipped
+    return mixed(groups, [source.weight for source in sources], seed), skipped
+
+
+def stage_sources(stage: SFTStage, image_folder: str) -> tuple[list[DataSource], list[DataSource]]:
+    """The stage's training and val sources: its files and its DAMON data configs' datasets."""
+    return (
+        data_sources(stage.data, stage.mix, stage.damon_data, image_folder, stage.name),
+        data_sources(stage.val_data, (), stage.damon_val_data, image_folder, stage.name),
+    )
 
 
 class PathImageCollator(DataCollatorForVisionLanguageModeling):
@@ -217,12 +228,25 @@ def _lora_config(config: SFTConfig):
 # -- stages ----------------------------------------------------------------------------------------------------
 
 
-def _identity(config: SFTConfig, stage: SFTStage, source: Path) -> dict[str, Any]:
+def _damon_sha256(damon_config: str, sources: list[DataSource]) -> list[str]:
+    """The config (roots, repeat times) and its annotations."""
+    return [file_sha256(damon_config), *(file_sha256(source.path) for source in sources if source.dataset)]
+
+
+def _identity(
+    config: SFTConfig, stage: SFTStage, source: Path, train: list[DataSource], val: list[DataSource]
+) -> dict[str, Any]:
+    """What decides the stage's result; the val data too, as the summary holds its losses. The keys that only
+    DAMON configs and val data bring are left out without them, so a stage published without either still
+    matches."""
     return {
         "stage": stage.name,
         "starts_from": path_fingerprint(source),
         "data_sha256": [file_sha256(path) for path in stage.data],
         "mix": list(stage.mix),
+        **({"damon_data_sha256": _damon_sha256(stage.damon_data, train)} if stage.damon_data else {}),
+        **({"val_data_sha256": [file_sha256(path) for path in stage.val_data]} if stage.val_data else {}),
+        **({"damon_val_data_sha256": _damon_sha256(stage.damon_val_data, val)} if stage.damon_val_data else {}),
         "epochs": stage.epochs,
         "max_steps": stage.max_steps,
         "learning_rate": stage.learning_rate,
@@ -235,7 +259,7 @@ def _identity(config: SFTConfig, stage: SFTStage, source: Path) -> dict[str, Any
     }
 
 
-def _trainer_args(config: SFTConfig, stage: SFTStage, checkpoints: Path):
+def _trainer_args(config: SFTConfig, stage: SFTStage, checkpoints: Path, validated: bool):
     from trl import SFTConfig as TrlSFTConfig
 
     return TrlSFTConfig(
@@ -247,6 +271,7 @@ def _trainer_args(config: SFTConfig, stage: SFTStage, checkpoints: Path):
         warmup_steps=config.warmup_ratio,
         weight_decay=config.weight_decay,
         per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         max_length=config.max_length,
         completion_only_loss=True,
@@ -255,6 +280,9 @@ def _trainer_args(config: SFTConfig, stage: SFTStage, checkpoints: Path):
         save_strategy="steps",
         save_steps=config.save_steps,
         logging_steps=config.logging_steps,
+        eval_strategy="steps" if validated and config.eval_steps > 0 else "no",
+        eval_steps=config.eval_steps if validated and config.eval_steps > 0 else None,
+        prediction_loss_only=True,  # the val loss only: no logits gathered over the val set
         seed=config.seed,
         data_seed=config.seed,
         bf16=config.bf16,
@@ -272,16 +300,22 @@ def train_stage(config: SFTConfig, stage: SFTStage, source: Path, processor) -> 
 
     output_dir = Path(config.output_dir)
     final, checkpoints = output_dir / stage.name, output_dir / "checkpoints" / stage.name
-    identity = _identity(config, stage, source)
+    train_sources, val_sources = stage_sources(stage, config.image_folder)
+    identity = _identity(config, stage, source, train_sources, val_sources)
     weights = ADAPTER_WEIGHTS if stage.trainable == "lora" else MODEL_WEIGHTS
     finished = finished_summary(final, identity, weights)
     if finished is not None:
         logger.info("SFT stage %s is finished (%s): skipped.", stage.name, final)
         return final, finished
-    rows, skipped = load_rows(stage, config.image_folder, config.on_error, config.seed)
-    _check_lengths(rows, processor, config.max_length)  # before any model loads
+    rows, skipped = load_rows(train_sources, config.on_error, config.seed)
+    if not rows:
+        raise SFTError(f"stage {stage.name}: no training row in {', '.join(data.path for data in train_sources)}")
+    val_rows, val_skipped = load_rows(val_sources, config.on_error, config.seed) if val_sources else ([], [])
+    if val_sources and not val_rows:
+        raise SFTError(f"stage {stage.name}: no val row in {', '.join(data.path for data in val_sources)}")
+    _check_lengths(rows + val_rows, processor, config.max_length)  # before any model loads
     resume = last_checkpoint(checkpoints, identity)
-    args = _trainer_args(config, stage, checkpoints)
+    args = _trainer_args(config, stage, checkpoints, validated=bool(val_rows))
     model = load_stage_model(source, torch.bfloat16 if config.bf16 else torch.float32)
     if stage.trainable != "lora":
         set_trainable(model, stage.trainable)
@@ -289,6 +323,7 @@ def train_stage(config: SFTConfig, stage: SFTStage, source: Path, processor) -> 
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
         processing_class=processor,
         data_collator=PathImageCollator(processor=processor, max_length=None, completion_only_loss=True),
         peft_config=_lora_config(config) if stage.trainable == "lora" else None,
@@ -296,33 +331,52 @@ def train_stage(config: SFTConfig, stage: SFTStage, source: Path, processor) -> 
     )
     trainable = sum(parameter.numel() for parameter in trainer.model.parameters() if parameter.requires_grad)
     logger.info(
-        "SFT stage %s: %d rows (%d records left out), %s trainable parameters (%s), learning rate %g.",
+        "SFT stage %s: %d rows (%d records left out), %d val rows, %s trainable parameters (%s), learning rate %g.",
         stage.name,
         len(rows),
         len(skipped),
+        len(val_rows),
         f"{trainable:,}",
         stage.trainable,
         stage.learning_rate,
     )
     if args.should_save:
         record_identity(checkpoints, identity)
+    # Before train(): the checkpoint of a resumed stage is loaded inside it, so this is the starting weights' loss.
+    val_before = trainer.evaluate()["eval_loss"] if val_rows else None
     result = trainer.train(resume_from_checkpoint=resume)
+    val_after = None
+    if val_rows:
+        val_after = trainer.evaluate()["eval_loss"]  # logged at the last step
+        # train() starts a fresh log history, so the loss before it is put back at step 0 (for the curves).
+        trainer.state.log_history.insert(0, {"eval_loss": val_before, "step": 0})
     summary = {
         "stage": stage.name,
         "starts_from": str(source),
-        "data": list(stage.data),
+        "data": [data.path for data in train_sources],
         "rows": len(rows),
         "skipped": skipped,
+        "val_data": [data.path for data in val_sources],
+        "val_rows": len(val_rows),
+        "val_skipped": val_skipped,
+        "val_loss_before": val_before,
+        "val_loss_after": val_after,
         "trainable": stage.trainable,
         "global_step": trainer.state.global_step,
         "resumed_from": resume,
         "train_metrics": result.metrics,
         "identity": identity,
     }
-    title = f"SFT stage {stage.name}: {', '.join(Path(path).name for path in stage.data)}"
+    title = f"SFT stage {stage.name}: {', '.join(Path(data.path).name for data in train_sources)}"
     plot = (lambda history, path: plot_loss(history, path, title)) if config.plot else None
     publish_stage(trainer, final, summary, plot)
-    logger.info("SFT stage %s done: %s (%d steps).", stage.name, final, trainer.state.global_step)
+    logger.info(
+        "SFT stage %s done: %s (%d steps)%s.",
+        stage.name,
+        final,
+        trainer.state.global_step,
+        f", val loss {val_before:.4f} -> {val_after:.4f}" if val_rows else "",
+    )
     del trainer, model
     gc.collect()
     return final, summary
@@ -347,16 +401,19 @@ def train_sft(config: SFTConfig) -> dict[str, Any]:
     """
     stages = config.plan()
     for stage in stages:
-        if not stage.data:
-            raise ConfigError(f"stage {stage.name}: give data (conversation JSON files)")
-    for name in ("model", "image_folder", "output_dir"):
+        if not (stage.data or stage.damon_data):
+            raise ConfigError(f"stage {stage.name}: give data (conversation JSON files) or damon_data (a DAMON config)")
+    needed = ["model", "output_dir"]
+    if any(stage.data or stage.val_data for stage in stages):  # a DAMON config's datasets name their own roots
+        needed.append("image_folder")
+    for name in needed:
         if not getattr(config, name):
             raise ConfigError(f"{name} is required (see `mmed-rag train-sft --help`)")
-    for stage in stages:
-        for path in stage.data:
-            if not Path(path).is_file():
-                raise SFTError(f"{path}: data file of stage {stage.name} not found")
-    inputs = [config.model, config.image_folder, *(path for stage in stages for path in stage.data)]
+    inputs = [config.model, *([config.image_folder] if config.image_folder else [])]
+    for stage in stages:  # every file is checked (and every DAMON config read) before any model loads
+        for sources in stage_sources(stage, config.image_folder):
+            inputs += [path for source in sources for path in (source.path, source.image_folder) if path]
+        inputs += [path for path in (stage.damon_data, stage.damon_val_data) if path]
     with claim_outputs("train-sft", directories=[config.output_dir], inputs=inputs):
         return _train_sft(config, stages)
 

@@ -1,4 +1,4 @@
-"""``train-sft``'s config: the stages (data, mix, length, rate, what trains) and the trainer settings.
+"""``train-sft``'s config: the stages (data, mix, val data, length, rate, what trains) and the trainer settings.
 
 Apart from the trainer's code, so that building the stage's command line (and its ``--help``) imports neither
 torch, transformers nor trl.
@@ -25,6 +25,17 @@ class SFTStage:
     mix: tuple[float, ...] = field(
         default=(), metadata={"help": "per data file: share of its records per epoch (2.0 = twice; default 1.0 each)"}
     )
+    damon_data: str = field(
+        default="",
+        metadata={
+            "help": "a DAMON data config (JSON, unchanged): each dataset's annotation JSONL, images under its root, "
+            "its repeat_time as its mix; beside or instead of data"
+        },
+    )
+    val_data: tuple[str, ...] = field(
+        default=(), metadata={"help": "conversation files whose answer loss is measured before and after the stage"}
+    )
+    damon_val_data: str = field(default="", metadata={"help": "a DAMON data config of val data (as damon_data)"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the mixed data"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps (overrides epochs when > 0)"})
     learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate (cosine schedule)"})
@@ -69,13 +80,17 @@ class SFTConfig(SFTStage):
         default="raise", metadata={"help": "a bad record: stop, or report and leave it out"}
     )
     plot: bool = field(default=True, metadata={"help": "write curves.png for each stage"})
+    eval_steps: int = field(
+        default=0, metadata={"help": "with val data: also measure the val loss every N steps (0: before and after)"}
+    )
 
     def __post_init__(self) -> None:
-        if self.stages and self.data:
+        one_stage = self.data or self.damon_data
+        if self.stages and one_stage:
             raise ConfigError("give either stages (a list) or the one stage's data, not both")
         if self.stages:
             self.plan()  # every stage is checked with the config, before any model loads
-        elif self.data:
+        elif one_stage:
             super().__post_init__()
 
     def plan(self) -> list[SFTStage]:

@@ -10,7 +10,7 @@ directory, ``<stage>/``, with ``stage.json`` written last. Around that:
 - **resume**: an interrupted stage continues from its last checkpoint;
 - **publish**: the result is written to ``<stage>.partial`` and renamed into place, so a stage directory is
   complete or absent;
-- **curves**: ``curves.png`` from the logged history (each stage kind draws its own).
+- **curves**: ``curves.png`` from the logged history (each stage kind draws its own; the val loss where measured).
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def publish_stage(
 
 
 def plot_loss(history: list[dict], path: Path, title: str) -> None:
-    """The training loss (and learning rate) per logged step (Agg canvas, no pyplot state)."""
+    """The training loss (with the val loss where measured) and learning rate per logged step (Agg canvas, no
+    pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -118,8 +119,17 @@ def plot_loss(history: list[dict], path: Path, title: str) -> None:
     figure = Figure(figsize=(8, 3.4), layout="constrained")
     FigureCanvasAgg(figure)
     loss_ax, rate_ax = figure.subplots(1, 2)
-    loss_ax.plot([entry["step"] for entry in logged], [entry["loss"] for entry in logged], "o-", markersize=3)
-    loss_ax.set(xlabel="step", ylabel="loss (answer tokens)", title="training loss")
+    loss_ax.plot(
+        [entry["step"] for entry in logged], [entry["loss"] for entry in logged], "o-", markersize=3, label="train"
+    )
+    validated = [entry for entry in history if "eval_loss" in entry and "step" in entry]
+    if validated:
+        steps, losses = [entry["step"] for entry in validated], [entry["eval_loss"] for entry in validated]
+        loss_ax.plot(steps, losses, "s--", color="C2", markersize=5, label="val")
+        loss_ax.legend()
+    loss_ax.set(
+        xlabel="step", ylabel="loss (answer tokens)", title="training and val loss" if validated else "training loss"
+    )
     rated = [entry for entry in logged if "learning_rate" in entry]
     rate_ax.plot([entry["step"] for entry in rated], [entry["learning_rate"] for entry in rated], color="C1")
     rate_ax.set(xlabel="step", ylabel="learning rate", title="schedule")
