@@ -295,7 +295,7 @@ def _run_predict_domain(config) -> int:
 
 
 def _train_findings_config() -> type:
-    from mmed_rag.damon.findings_config import TrainFindingsConfig
+    from mmed_rag.damon.configs import TrainFindingsConfig
 
     return TrainFindingsConfig
 
@@ -308,7 +308,7 @@ def _run_train_findings(config) -> int:
 
 
 def _diagnose_config() -> type:
-    from mmed_rag.damon.findings_config import DiagnoseConfig
+    from mmed_rag.damon.configs import DiagnoseConfig
 
     return DiagnoseConfig
 
@@ -318,6 +318,20 @@ def _run_diagnose(config) -> int:
 
     metrics = diagnose(config)
     print(f"predictions: {config.out}/predictions.jsonl" + (f"; {describe(metrics)}" if metrics else ""))
+    return 0
+
+
+def _damon_eval_config() -> type:
+    from mmed_rag.damon.configs import DamonEvalConfig
+
+    return DamonEvalConfig
+
+
+def _run_damon_eval(config) -> int:
+    from mmed_rag.damon.evaluate import evaluate
+
+    metrics = evaluate(config)
+    print(f"{config.out}/metrics.md ({metrics['all']['n']} questions, prior: {metrics['prior']})")
     return 0
 
 
@@ -348,6 +362,12 @@ STAGES = (
         "label each image's findings (finding classifier, or the VLM asked per condition) and score them",
         _diagnose_config,
         _run_diagnose,
+    ),
+    Stage(
+        "damon-eval",
+        "answer multi-image questions (with a preliminary diagnosis or without) and score them per question type",
+        _damon_eval_config,
+        _run_damon_eval,
     ),
     Stage(
         "make-tiny-model",

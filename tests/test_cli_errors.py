@@ -320,6 +320,17 @@ CASES = [
         ("domain", "not a finding classifier", "train-findings"),
         outputs=("diagnosed",),
     ),
+    # damon-eval
+    Case(
+        "damon-eval/diagnosis-misses-an-image",
+        lambda w, t: [
+            *("damon-eval", "--model", str(w.llava), "--data", str(pair_questions(w, t)), "--layout", "difference"),
+            *("--img-root", str(w.images), "--out", str(t / "evaluated"), "--device", "cpu"),
+            *("--diagnosis", str(write(t / "diagnosed.jsonl", json.dumps({"id": "x.png", "names": []}) + "\n"))),
+        ],
+        ("diagnosed.jsonl", "no diagnosis of", "record 0"),
+        outputs=("evaluated",),
+    ),
     # predict-domain
     Case(
         "predict-domain/no-classifier",
@@ -702,6 +713,14 @@ def diagnosis_file(world, tmp: Path, second_caption: str) -> Path:
     first, second = list(dict.fromkeys(line["image"] for line in vqa_lines(world)))[:2]
     records = [{"id": 0, "image": first, "caption": "1, 9"}, {"id": 1, "image": second, "caption": second_caption}]
     return write(tmp / "diagnosis.json", json.dumps(records))
+
+
+def pair_questions(world, tmp: Path) -> Path:
+    """A DAMON difference file of one question about two of the world's images."""
+    first, second = list(dict.fromkeys(line["image"] for line in vqa_lines(world)))[:2]
+    prompt = "What has changed between the main image<image>\n and the reference image<image>\n?"
+    record = {"id": 0, "image": [first, second], "prompt": prompt, "caption": "nothing has changed."}
+    return write(tmp / "pairs.json", json.dumps([record]))
 
 
 def sft_data(world, tmp: Path, human: str = "<image>\nIs the heart enlarged?") -> Path:

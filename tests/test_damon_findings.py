@@ -11,6 +11,7 @@ from sklearn.metrics import f1_score
 
 import mmed_rag.damon.findings as findings_module
 from mmed_rag.classify.model import ClassifierError
+from mmed_rag.damon.configs import DiagnoseConfig, TrainFindingsConfig
 from mmed_rag.damon.data import DAMON_CONDITIONS
 from mmed_rag.damon.findings import (
     FindingClassifier,
@@ -21,7 +22,6 @@ from mmed_rag.damon.findings import (
     finding_metrics,
     train_findings,
 )
-from mmed_rag.damon.findings_config import DiagnoseConfig, TrainFindingsConfig
 from mmed_rag.damon.phantoms import LongitudinalConfig, make_longitudinal_phantoms
 from mmed_rag.domain.classifier import DomainClassifier
 from mmed_rag.resumable import ResumeError

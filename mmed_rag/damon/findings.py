@@ -48,9 +48,9 @@ from mmed_rag.classify.model import (
 )
 from mmed_rag.classify.training import LabelledImage, check_labelled, encode_labelled, train_head
 from mmed_rag.config import config_to_dict, save_config
+from mmed_rag.damon.configs import DiagnoseConfig, TrainFindingsConfig
 from mmed_rag.damon.data import DAMON_CONDITIONS, read_damon_eval
 from mmed_rag.damon.diagnosis import condition_question, diagnosis_metrics, parse_condition_answer
-from mmed_rag.damon.findings_config import DiagnoseConfig, TrainFindingsConfig
 from mmed_rag.data.images import open_image, resolve_image_path
 from mmed_rag.device import resolve_device
 from mmed_rag.fingerprint import file_sha256, path_fingerprint

@@ -1,4 +1,4 @@
-"""The preliminary-diagnosis stages' configs: ``train-findings`` (the finding classifier) and ``damon-diagnose``.
+"""The DAMON stages' configs: ``train-findings`` (the finding classifier), ``damon-diagnose`` and ``damon-eval``.
 
 Apart from their code, so that building a stage's command line (and its ``--help``) imports neither torch nor
 open_clip.
@@ -107,3 +107,46 @@ class DiagnoseConfig:
             raise ConfigError("model: required with by: vlm (an image-text-to-text model directory)")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("batch_size and max_new_tokens: at least 1")
+
+
+@dataclass
+class DamonEvalConfig:
+    """Arguments of ``mmed-rag damon-eval``: answer multi-image questions (with a preliminary diagnosis, or
+    without) and score them per question type."""
+
+    model: str = field(metadata={"help": "image-text-to-text model directory that takes several images"})
+    data: str = field(
+        metadata={"help": "questions: mimic_pair_questions.csv, or a DAMON file (difference or vqa layout)"}
+    )
+    img_root: str = field(metadata={"help": "directory the image paths are relative to"})
+    out: str = field(metadata={"help": "directory to write: predictions.jsonl, metrics.json, metrics.md"})
+    layout: Literal["mimic-diff-vqa", "difference", "vqa"] = field(
+        default="mimic-diff-vqa", metadata={"help": "the layout of data"}
+    )
+    mimic_all: str = field(default="", metadata={"help": "mimic_all.csv (layout: mimic-diff-vqa)"})
+    split: str = field(default="test", metadata={"help": "the CSV's split to answer (layout: mimic-diff-vqa)"})
+    image_layout: Literal["tree", "flat"] = field(
+        default="tree", metadata={"help": "MIMIC-CXR-JPG folder tree, or <dicom_id>.jpg in one folder"}
+    )
+    image_extension: str = field(default=".jpg", metadata={"help": "image file extension (layout: mimic-diff-vqa)"})
+    question_types: tuple[str, ...] = field(
+        default=(), metadata={"help": "answer only these question types (default: all)"}
+    )
+    diagnosis: str = field(
+        default="",
+        metadata={"help": "predictions.jsonl of damon-diagnose: its labels go into each prompt (default: none)"},
+    )
+    limit: int = field(default=0, metadata={"help": "answer the first N questions only (0: all)"})
+    max_new_tokens: int = field(default=90, metadata={"help": "generated tokens at most (DAMON's evaluation: 90)"})
+    batch_size: int = field(default=8, metadata={"help": "questions per generate call"})
+    device: str = field(default="auto", metadata={"help": "'auto' (CUDA when available), 'cpu', 'cuda', ..."})
+    fresh: bool = field(
+        default=False, metadata={"help": "start over: discard a partial predictions.jsonl or replace a finished one"}
+    )
+
+    def __post_init__(self) -> None:
+        self.question_types = tuple(self.question_types)
+        if self.layout == "mimic-diff-vqa" and not self.mimic_all:
+            raise ConfigError("mimic_all: required with layout mimic-diff-vqa (it resolves a study to its image)")
+        if self.limit < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError("limit >= 0; batch_size and max_new_tokens at least 1")
