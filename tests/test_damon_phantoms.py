@@ -3,6 +3,7 @@ readers, with MIMIC-Diff-VQA's answer wording, and the data of DAMON's four fine
 
 import hashlib
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ from mmed_rag.damon.data import (
     read_damon_eval,
     read_mimic_diff_vqa,
 )
-from mmed_rag.damon.diagnosis import condition_question
+from mmed_rag.damon.diagnosis import condition_question, diagnosis_text
 from mmed_rag.damon.phantoms import (
+    DAMON_DIFFERENCE_PROMPT,
     DAMON_INDEX,
     NO_FINDING,
     LongitudinalConfig,
@@ -26,6 +28,7 @@ from mmed_rag.damon.phantoms import (
     image_path,
     make_longitudinal_phantoms,
 )
+from mmed_rag.damon.prompts import record_prompt
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +115,7 @@ def test_each_of_damons_four_stages_has_a_data_config_per_split(written):
     for split in ("train", "val", "test"):
         patients = [p for p in pairs if p.split == split]
         records = {}
-        for stage in ("mca", "dca", "dsl", "dpm"):
+        for stage in ("mca", "dca", "dsl", "dpm", "dsl_with_prior"):
             (entry,) = read_damon_data_config(out / f"damon/data_config_{stage}_{split}.json")
             assert entry.name == f"{stage}_{split}" and Path(entry.root).resolve() == (out / "images").resolve()
             records[stage] = read_damon_annotations(entry).records
@@ -126,6 +129,21 @@ def test_each_of_damons_four_stages_has_a_data_config_per_split(written):
         assert [(r.images, r.conversations[-1].value.strip()) for r in records["dsl"]] == [
             (list(q.images), q.answer) for q in questions
         ]  # main image first, then the reference; the answers of mimic_pair_questions.csv
+        # The same questions with the two films' true diagnosis, placed as damon-eval places a prior.
+        assert [r.conversations[-1].value for r in records["dsl_with_prior"]] == [
+            r.conversations[-1].value for r in records["dsl"]
+        ]
+        for with_prior, question in zip(records["dsl_with_prior"], questions, strict=True):
+            patient = next(p for p in patients if p.subject_id == question.subject_id)
+            truth = [
+                sorted(DAMON_INDEX[f] for f in films) or [NO_FINDING] for films in (patient.current, patient.prior)
+            ]
+            assert with_prior.conversations[0].value == record_prompt(
+                question
+                if question.question_type != "difference"
+                else replace(question, question=DAMON_DIFFERENCE_PROMPT),
+                diagnosis_text(truth),
+            )
         diagnosis = read_damon_eval(out / f"damon/mimic_{split}_diagnosis.json", "diagnosis").records
         answers = {(r.images[0], r.conversations[0].value): r.conversations[1].value for r in records["dpm"]}
         assert len(answers) == 5 * len(films)

@@ -26,7 +26,8 @@ For DAMON's four fine-tuning stages (MCA, DCA, DSL, DPM; :mod:`mmed_rag.damon.st
 annotation file per stage, ``damon/{stage}_{split}.jsonl``, and a DAMON data config naming it,
 ``damon/data_config_{stage}_{split}.json`` (the images under ``../images/``): a caption per film, the single-image
 questions per film, the pair's questions (those of ``mimic_pair_questions.csv``), and the condition questions per
-film. The same config gives byte-identical files.
+film; and ``dsl_with_prior``, the pair's questions with the films' true diagnosis in the prompt. The same config
+gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from mmed_rag.atomic import atomic_write_text, publish_directory
 from mmed_rag.config import ConfigError
 from mmed_rag.damon import stage_data
 from mmed_rag.damon.data import DAMON_CONDITIONS, listed
+from mmed_rag.damon.diagnosis import diagnosis_text
 from mmed_rag.data.phantoms import FINDINGS, render_phantom
 from mmed_rag.outputs import claim_outputs
 
@@ -150,6 +152,11 @@ def draw_pairs(config: LongitudinalConfig) -> list[PatientPair]:
     return pairs
 
 
+def _indices(findings: Sequence[str]) -> list[int]:
+    """A film's labels in DAMON's condition list ("no finding" for none)."""
+    return sorted(DAMON_INDEX[name] for name in findings) or [NO_FINDING]
+
+
 def _dicom(study: str) -> str:
     return f"{int(study):08x}-phantom"
 
@@ -217,7 +224,7 @@ def _make_longitudinal_phantoms(config: LongitudinalConfig) -> Path:
     pairs = draw_pairs(config)
     mimic_all, questions, damon = [], [], {split: [] for split in SPLITS}
     damon_test, diagnosis = [], {split: [] for split in SPLITS}
-    staged = {stage: {split: [] for split in SPLITS} for stage in stage_data.STAGES}
+    staged = {stage: {split: [] for split in SPLITS} for stage in (*stage_data.STAGES, stage_data.WITH_PRIOR)}
     drawable = [FINDING_NAMES[name] for name in FINDINGS["radiology"]]
     for number, pair in enumerate(pairs):
         patient_seed = np.random.SeedSequence([config.seed, 2, number])
@@ -239,7 +246,7 @@ def _make_longitudinal_phantoms(config: LongitudinalConfig) -> Path:
                     "study_order": order + 1,
                 }
             )
-            indices = sorted(DAMON_INDEX[name] for name in findings) or [NO_FINDING]
+            indices = _indices(findings)
             film, names = image_path(pair.subject_id, study), [FINDING_NAMES[name] for name in findings]
             staged["mca"][pair.split].append(stage_data.caption(film, names))
             staged["dca"][pair.split].append(stage_data.single_image_questions(film, names, drawable))
@@ -254,9 +261,13 @@ def _make_longitudinal_phantoms(config: LongitudinalConfig) -> Path:
             )
         images = [image_path(pair.subject_id, pair.current_study), image_path(pair.subject_id, pair.prior_study)]
         question_rng = np.random.default_rng([config.seed, 3, number])
+        prior = diagnosis_text([_indices(pair.current), _indices(pair.prior)])
         for kind, question, answer in pair_questions(pair, question_rng):
             staged["dsl"][pair.split].append(
                 stage_data.pair_question(images, kind, question, answer, DAMON_DIFFERENCE_PROMPT)
+            )
+            staged[stage_data.WITH_PRIOR][pair.split].append(
+                stage_data.pair_question(images, kind, question, answer, DAMON_DIFFERENCE_PROMPT, prior)
             )
             questions.append(
                 {

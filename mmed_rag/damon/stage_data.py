@@ -11,6 +11,9 @@ DAMON fine-tunes InternVL2 in four stages (``model/shell/internvl2.0/2nd_finetun
 - **DPM**, diagnosis prompting: one binary question per condition ("If X is present, output 1; otherwise,
   output 0."): here for every condition the phantoms can draw, and "no finding".
 
+Beside them, ``dsl_with_prior``: DSL's questions with the films' true preliminary diagnosis in the prompt, for a
+model that is to be evaluated with a diagnosis in its prompt (DAMON's glue for that was not released).
+
 Every function returns ``{"image": ..., "conversations": [...]}`` in the InternVL / LLaVA layout (``id`` is the
 writer's). DAMON's stage data was not released; the wording of the captions and of the single-image conversations
 is ours, the questions and answers follow MIMIC-Diff-VQA's generator, and the difference question is DAMON's prompt.
@@ -20,12 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mmed_rag.damon.data import listed
+from mmed_rag.damon.data import MultiImageRecord, listed
 from mmed_rag.damon.diagnosis import condition_question
-from mmed_rag.damon.prompts import multi_image_prompt
+from mmed_rag.damon.prompts import record_prompt
 from mmed_rag.data.records import IMAGE_TOKEN
 
 STAGES = ("mca", "dca", "dsl", "dpm")
+WITH_PRIOR = "dsl_with_prior"  # DSL's questions with the films' true diagnosis in the prompt (not a DAMON stage)
 CAPTION_PROMPT = f"{IMAGE_TOKEN}\nDescribe the findings of this chest X-ray."
 ABNORMALITY_QUESTION = "what abnormalities are seen in this image?"
 VIEW_QUESTION = "which view is this image taken?"
@@ -51,10 +55,16 @@ def single_image_questions(image: str, findings: Sequence[str], drawable: Sequen
     return {"image": image, "conversations": _turns(questions)}
 
 
-def pair_question(images: Sequence[str], kind: str, question: str, answer: str, difference_prompt: str) -> dict:
-    """DSL: one question about the main and the reference film; the difference question in DAMON's own prompt."""
-    prompt = difference_prompt if kind == "difference" else multi_image_prompt(question, len(images))
-    return {"image": list(images), "conversations": _turns([(prompt, answer)])}
+def pair_question(
+    images: Sequence[str], kind: str, question: str, answer: str, difference_prompt: str, diagnosis: str | None = None
+) -> dict:
+    """DSL: one question about the main and the reference film; the difference question in DAMON's own prompt.
+
+    With ``diagnosis`` (the films' preliminary diagnosis) the prompt carries it as ``damon-eval`` places it, so a
+    model can learn to use one (``dsl_with_prior``).
+    """
+    record = MultiImageRecord(0, tuple(images), difference_prompt if kind == "difference" else question, answer)
+    return {"image": list(images), "conversations": _turns([(record_prompt(record, diagnosis), answer)])}
 
 
 def condition_questions(image: str, present: Sequence[str], asked: Sequence[str]) -> list[dict]:
