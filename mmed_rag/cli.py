@@ -335,6 +335,20 @@ def _run_damon_eval(config) -> int:
     return 0
 
 
+def _damon_study_config() -> type:
+    from mmed_rag.damon.configs import DamonStudyConfig
+
+    return DamonStudyConfig
+
+
+def _run_damon_study(config) -> int:
+    from mmed_rag.damon.study import run_study, table
+
+    print(table(run_study(config)), end="")
+    print(f"report: {config.out}/REPORT.md")
+    return 0
+
+
 STAGES = (
     Stage(
         "validate-data",
@@ -368,6 +382,12 @@ STAGES = (
         "answer multi-image questions (with a preliminary diagnosis or without) and score them per question type",
         _damon_eval_config,
         _run_damon_eval,
+    ),
+    Stage(
+        "damon-study",
+        "DAMON on longitudinal phantoms end to end (stand-in model, four stages, both priors) and its table",
+        _damon_study_config,
+        _run_damon_study,
     ),
     Stage(
         "make-tiny-model",

@@ -331,6 +331,13 @@ CASES = [
         ("diagnosed.jsonl", "no diagnosis of", "record 0"),
         outputs=("evaluated",),
     ),
+    # damon-study
+    Case(
+        "damon-study/no-findings-preset",
+        lambda w, t: ["damon-study", "--out", str(t / "study"), "--findings-preset", str(t / "absent.yaml")],
+        ("findings_preset", "absent.yaml"),
+        outputs=("study",),
+    ),
     # predict-domain
     Case(
         "predict-domain/no-classifier",

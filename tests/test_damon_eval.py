@@ -183,3 +183,27 @@ def test_a_run_with_another_prior_does_not_resume_this_one(world, tmp_path, monk
     config.diagnosis = str(gold_diagnosis(pairs, tmp_path / "diagnosis.jsonl"))
     with pytest.raises(ResumeError, match="diagnosis"):
         evaluate(config)
+
+
+def test_slake_style_files_get_closed_accuracy_and_open_recall(world, tmp_path):
+    pairs, _ = world
+    films = [record["image"] for record in json.loads((pairs / "damon/mimic_test_diagnosis.json").read_text())[:3]]
+    records = [
+        {"id": 0, "image": films[0], "prompt": "<image>\nIs the heart enlarged?", "caption": "Yes", "type": "CLOSED"},
+        {"id": 1, "image": films[1], "prompt": "<image>\nWhich side is abnormal?", "caption": "Left", "type": "CLOSED"},
+        {
+            "id": 2,
+            "image": films[2],
+            "prompt": "<image>\nWhat is abnormal?",
+            "caption": "pleural effusion",
+            "type": "OPEN",
+        },
+    ]
+    data = tmp_path / "slake_test.json"
+    data.write_text(json.dumps(records))
+    metrics = evaluate(eval_config(world, tmp_path / "slake", data=str(data), layout="vqa"))
+    assert set(metrics["by_type"]) == {"closed", "open"}
+    assert metrics["by_type"]["closed"]["n"] == 2 and "closed_accuracy" in metrics["by_type"]["closed"]
+    assert "recall" in metrics["by_type"]["open"] and "closed_accuracy" not in metrics["by_type"]["open"]
+    lines = [json.loads(line) for line in (tmp_path / "slake/predictions.jsonl").read_text().splitlines()]
+    assert [line["prompt"] for line in lines] == [record["prompt"] for record in records]  # one image, own marker

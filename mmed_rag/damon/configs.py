@@ -150,3 +150,32 @@ class DamonEvalConfig:
             raise ConfigError("mimic_all: required with layout mimic-diff-vqa (it resolves a study to its image)")
         if self.limit < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("limit >= 0; batch_size and max_new_tokens at least 1")
+
+
+@dataclass
+class DamonStudyConfig:
+    """Arguments of ``mmed-rag damon-study``: DAMON on longitudinal phantoms, end to end, with a stand-in model."""
+
+    out: str = field(default="damon-study", metadata={"help": "directory for everything the study makes"})
+    patients: int = field(default=1000, metadata={"help": "synthetic patients (two films each)"})
+    seed: int = field(default=0, metadata={"help": "seeds the phantoms, the stand-in model and its training"})
+    findings_preset: str = field(
+        default="configs/train-findings/phantoms.yaml",
+        metadata={"help": "train-findings settings of the finding classifier (its data paths are the study's)"},
+    )
+    vision_epochs: int = field(default=15, metadata={"help": "epochs pretraining the stand-in's vision encoder"})
+    mca_steps: int = field(default=100, metadata={"help": "SFT steps of MCA (captions)"})
+    dca_steps: int = field(default=300, metadata={"help": "SFT steps of DCA (single-film questions)"})
+    dsl_steps: int = field(default=1500, metadata={"help": "SFT steps of DSL (pair questions, with and without prior)"})
+    dpm_steps: int = field(default=400, metadata={"help": "SFT steps of DPM (condition questions, DSL rehearsed)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "SFT peak learning rate"})
+    batch_size: int = field(default=16, metadata={"help": "SFT rows per step"})
+    limit: int = field(default=0, metadata={"help": "questions per evaluation (0: every test question)"})
+    fresh: bool = field(default=False, metadata={"help": "redo every step, even an unchanged one"})
+
+    def __post_init__(self) -> None:
+        if self.patients < 3:
+            raise ConfigError("patients: at least 3")
+        for name in ("vision_epochs", "mca_steps", "dca_steps", "dsl_steps", "dpm_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected at least 1, got {getattr(self, name)}")

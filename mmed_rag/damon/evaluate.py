@@ -14,7 +14,7 @@ Scores, per question type and over all questions:
 - BLEU-1..4, METEOR, ROUGE-L and CIDEr through :mod:`mmed_rag.eval.report` (pycocoevalcap's scorers on the PTB
   tokenisation: the path of DAMON's ``COCOEvalCap``);
 - ``exact_match``: DAMON's accuracy (lower-cased strings equal);
-- where every gold answer is yes or no (presence; SLAKE / VQA-RAD's closed questions mostly):
+- SLAKE / VQA-RAD's CLOSED questions, and any group whose gold answers are all yes or no (presence):
   ``closed_accuracy``, LLaVA-Med's rule (:func:`mmed_rag.eval.short_answers.closed_hit`);
 - other short answers: ``recall``, LLaVA-Med's open-question token recall;
 - difference questions: the finding-level ``difference`` F1 (:func:`mmed_rag.damon.metrics.difference_f1`), which
@@ -192,7 +192,7 @@ def _group_scores(lines: Sequence[dict], scorer) -> dict:
     scores.update(scorer.score(predictions, golds, ids=[line["id"] for line in lines]).corpus)
     scores["exact_match"] = _mean(exact_match(p, g) for p, g in zip(predictions, golds, strict=True))
     kinds = {line["question_type"] for line in lines}
-    if all(gold.strip().lower().rstrip(".") in YES_NO for gold in golds):
+    if kinds == {"closed"} or all(gold.strip().lower().rstrip(".") in YES_NO for gold in golds):
         scores["closed_accuracy"] = _mean(closed_hit(p, g) for p, g in zip(predictions, golds, strict=True))
     elif kinds.isdisjoint({"difference"}):
         scores["recall"] = _mean(token_recall(p, g) for p, g in zip(predictions, golds, strict=True))

@@ -279,7 +279,7 @@ class Demo:
         """A small LLaVA from config, its vision encoder pretrained, then SFT on the conversations: the Med-LVLM
         the rest of the demo uses."""
         from mmed_rag.data.phantoms import wording
-        from mmed_rag.demo.standin import pretrain_vision
+        from mmed_rag.demo.standin import phantom_label_names, phantom_labels, pretrain_vision
         from mmed_rag.testing import save_tiny_llava
         from mmed_rag.training.sft import SFTConfig, train_sft
 
@@ -299,7 +299,14 @@ class Demo:
         self.steps.run(
             f"pretrain-vision-seed{seed}",
             lambda: pretrain_vision(
-                base, train_records, val_records, self.images, vision, epochs=config.vision_epochs, seed=seed
+                base,
+                phantom_labels(train_records),
+                phantom_labels(val_records),
+                phantom_label_names(),
+                self.images,
+                vision,
+                epochs=config.vision_epochs,
+                seed=seed,
             )["val_auc"],
             params={"epochs": config.vision_epochs, "seed": seed},
             inputs=[base, *train_records, *val_records, self.images],

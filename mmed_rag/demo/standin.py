@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from mmed_rag.atomic import atomic_write_text, publish_directory
@@ -42,27 +42,45 @@ STANDIN_TEXT = {
 PRETRAINING_FILE = "vision_pretraining.json"
 
 
-def _labelled(records_files: Sequence[Path], image_root: Path, processor, labels: list[str]):
-    """Pixel values and multi-label targets (one column per ``modality:finding``) of phantom report records."""
+#: Images under an image root, each with the set of its labels.
+LabelledFilms = Sequence[tuple[str, Collection[str]]]
+
+
+def phantom_labels(records_files: Sequence[Path]) -> LabelledFilms:
+    """The images of phantom report records with their ``modality:finding`` labels."""
+    from mmed_rag.data.phantoms import image_of
+
+    return [
+        (image_of(record), {f"{record['modality']}:{finding}" for finding in record["findings"]})
+        for path in records_files
+        for record in json.loads(Path(path).read_text(encoding="utf-8"))
+    ]
+
+
+def phantom_label_names() -> list[str]:
+    """Every phantom finding as a ``modality:finding`` label, in the generator's order."""
+    from mmed_rag.data.phantoms import FINDINGS
+
+    return [f"{modality}:{finding}" for modality, findings in FINDINGS.items() for finding in findings]
+
+
+def _labelled(films: LabelledFilms, image_root: Path, processor, labels: Sequence[str]):
+    """Pixel values and multi-label targets (one column per label) of labelled images."""
     import torch
 
     from mmed_rag.data.images import load_image
-    from mmed_rag.data.phantoms import image_of
 
-    images, targets = [], []
-    for path in records_files:
-        for record in json.loads(Path(path).read_text(encoding="utf-8")):
-            images.append(load_image(image_root, image_of(record)))
-            present = {f"{record['modality']}:{finding}" for finding in record["findings"]}
-            targets.append([float(label in present) for label in labels])
+    images = [load_image(image_root, image) for image, _ in films]
+    targets = [[float(label in present) for label in labels] for _, present in films]
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     return pixels, torch.tensor(targets)
 
 
 def pretrain_vision(
     base: str | Path,
-    train_files: Sequence[Path],
-    val_files: Sequence[Path],
+    train: LabelledFilms,
+    val: LabelledFilms,
+    labels: Sequence[str],
     image_root: str | Path,
     out: str | Path,
     *,
@@ -71,20 +89,18 @@ def pretrain_vision(
     batch_size: int = 32,
     learning_rate: float = 1e-3,
 ) -> dict:
-    """Train ``base``'s vision tower (up to LLaVA's feature layer) to tell the phantom findings apart; save the
-    whole model with the trained tower to ``out``. Returns the held-out AUC per finding (``val_files``)."""
+    """Train ``base``'s vision tower (up to LLaVA's feature layer) to tell ``labels`` apart on the ``train``
+    images; save the whole model with the trained tower to ``out``. Returns the held-out AUC per label (``val``)."""
     import torch
     from sklearn.metrics import roc_auc_score
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from mmed_rag.data.phantoms import FINDINGS
-
     torch.manual_seed(seed)
     processor = AutoProcessor.from_pretrained(base)
     model = LlavaForConditionalGeneration.from_pretrained(base)
-    labels = [f"{modality}:{finding}" for modality, findings in FINDINGS.items() for finding in findings]
-    train_pixels, train_targets = _labelled(train_files, Path(image_root), processor, labels)
-    val_pixels, val_targets = _labelled(val_files, Path(image_root), processor, labels)
+    labels = list(labels)
+    train_pixels, train_targets = _labelled(train, Path(image_root), processor, labels)
+    val_pixels, val_targets = _labelled(val, Path(image_root), processor, labels)
     tower, layer = model.model.vision_tower, model.config.vision_feature_layer
     head = torch.nn.Linear(tower.config.hidden_size, len(labels))
 
