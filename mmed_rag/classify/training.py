@@ -9,22 +9,28 @@ seeded per-epoch order, AdamW without decay on gains and biases, the divergence 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from mmed_rag.atomic import publish_directory
 from mmed_rag.classify.config import HeadTraining
-from mmed_rag.classify.model import StandardisedHead
+from mmed_rag.classify.model import ImageClassifier, StandardisedHead, source_identity
+from mmed_rag.config import config_to_dict
 from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image, resolve_image_path
 from mmed_rag.divergence import check_gradients, check_loss, check_parameters
 from mmed_rag.errors import first_few
 from mmed_rag.progress import progress_bar
 from mmed_rag.retrieval.encode import embedding_dim, encode_images
 from mmed_rag.retrieval.finetune import epoch_seed, param_groups
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -181,3 +187,22 @@ def train_head(
     # Later measurements (the domain classifier's training regions) need the final embeddings: the tower's own,
     # when it was trained.
     return TrainedHead(history, embeddings("train") if settings.finetune_tower else train_features)
+
+
+def publish_classifier(
+    classifier: ImageClassifier, staging: Path, out: Path, settings: HeadTraining, device, manifest: dict
+) -> Path:
+    """Save a trained classifier into ``staging`` (with ``manifest`` and where its tower came from, its settings
+    and device) and swap it in as ``out``: a killed run leaves the previous classifier, or none."""
+    classifier.save(
+        staging,
+        {
+            **manifest,
+            "encoder_source": source_identity(settings.model, settings.checkpoint),
+            "training": config_to_dict(settings),
+            "trained_on": str(device),
+        },
+    )
+    publish_directory(staging, out)
+    logger.info("Trained the %s %s: %s", classifier.NAME, list(classifier.labels), out)
+    return out

@@ -158,15 +158,9 @@ def _line(record: MultiImageRecord, prompt: tuple[str, str | None], answer: str)
 
 
 def _generator(config: DamonEvalConfig):
-    from mmed_rag.generation.configs import GeneratorConfig
-    from mmed_rag.generation.generator import Generator
+    from mmed_rag.generation.generator import greedy_generator
 
-    return Generator.load(
-        GeneratorConfig(
-            model=config.model, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-            device=config.device,
-        )
-    )  # fmt: skip
+    return greedy_generator(config.model, config.max_new_tokens, config.batch_size, config.device)
 
 
 # -- scores ----------------------------------------------------------------------------------------------------

@@ -37,17 +37,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mmed_rag.atomic import atomic_write_text, publish_directory
+from mmed_rag.atomic import atomic_write_text
 from mmed_rag.classify.model import (
     METRICS_FILE,
     ClassifierError,
     ImageClassifier,
     ImageInput,
     StandardisedHead,
-    source_identity,
 )
-from mmed_rag.classify.training import LabelledImage, check_labelled, encode_labelled, train_head
-from mmed_rag.config import config_to_dict, save_config
+from mmed_rag.classify.training import LabelledImage, check_labelled, encode_labelled, publish_classifier, train_head
+from mmed_rag.config import save_config
 from mmed_rag.damon.configs import DiagnoseConfig, TrainFindingsConfig
 from mmed_rag.damon.data import DAMON_CONDITIONS, read_damon_eval
 from mmed_rag.damon.diagnosis import condition_question, diagnosis_metrics, parse_condition_answer
@@ -412,8 +411,12 @@ def _train_findings(config: TrainFindingsConfig) -> Path:
             logger.info("%s: %s", split, describe(results[split]))
     atomic_write_text(staging / METRICS_FILE, "".join(json.dumps(line) + "\n" for line in trained.history))
     save_config(config, staging)
-    classifier.save(
+    return publish_classifier(
+        classifier,
         staging,
+        out,
+        config,
+        device,
         {
             "data": {
                 split: {"images": len(images[split]), "positives": targets[split].sum(dim=0).int().tolist()}
@@ -427,14 +430,8 @@ def _train_findings(config: TrainFindingsConfig) -> Path:
             "untrained": untrained,
             "calibration": calibration,
             "metrics": results,
-            "encoder_source": source_identity(config.model, config.checkpoint),
-            "training": config_to_dict(config),
-            "trained_on": str(device),
         },
     )
-    publish_directory(staging, out)
-    logger.info("Trained the finding classifier %s: %s", findings, out)
-    return out
 
 
 def _calibrate(classifier: FindingClassifier, images, truth: torch.Tensor | None, config: TrainFindingsConfig) -> dict:
@@ -532,15 +529,9 @@ def _resumably(output: Path, identity: dict, images: list[str], label, fresh: bo
 
 
 def _vlm(config: DiagnoseConfig):
-    from mmed_rag.generation.configs import GeneratorConfig
-    from mmed_rag.generation.generator import Generator
+    from mmed_rag.generation.generator import greedy_generator
 
-    return Generator.load(
-        GeneratorConfig(
-            model=config.model, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-            device=config.device,
-        )
-    )  # fmt: skip
+    return greedy_generator(config.model, config.max_new_tokens, config.batch_size, config.device)
 
 
 def vlm_labels(generator, images: Sequence[str], img_root: str, conditions: Sequence[str],

@@ -61,7 +61,7 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
-from mmed_rag.atomic import atomic_path, atomic_write_text, publish_directory
+from mmed_rag.atomic import atomic_path, atomic_write_text
 from mmed_rag.classify.model import (
     METRICS_FILE,
     ClassifierError,
@@ -71,10 +71,9 @@ from mmed_rag.classify.model import (
     ImageInput,
     StandardisedHead,
     no_limit,
-    source_identity,
 )
-from mmed_rag.classify.training import LabelledImage, check_labelled, encode_labelled, train_head
-from mmed_rag.config import config_to_dict, save_config
+from mmed_rag.classify.training import LabelledImage, check_labelled, encode_labelled, publish_classifier, train_head
+from mmed_rag.config import save_config
 from mmed_rag.data.records import read_records
 from mmed_rag.device import resolve_device
 from mmed_rag.domain.config import (
@@ -465,20 +464,9 @@ def _train_domain(config: TrainDomainConfig) -> Path:
             logger.info("%s: %s", split, describe(results[split]))
     atomic_write_text(staging / METRICS_FILE, "".join(json.dumps(line) + "\n" for line in metrics))
     save_config(config, staging)
-    classifier.save(
-        staging,
-        {
-            "data": data,
-            "metrics": results,
-            "distance": regions,
-            "encoder_source": source_identity(config.model, config.checkpoint),
-            "training": config_to_dict(config),
-            "trained_on": str(device),
-        },
+    return publish_classifier(
+        classifier, staging, out, config, device, {"data": data, "metrics": results, "distance": regions}
     )
-    publish_directory(staging, out)
-    logger.info("Trained the domain classifier %s: %s", modalities, out)
-    return out
 
 
 def predict_domain(config: PredictDomainConfig) -> list[DomainPrediction]:

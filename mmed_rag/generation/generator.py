@@ -194,6 +194,13 @@ class Generator:
         return text.strip()
 
 
+def greedy_generator(model: str, max_new_tokens: int, batch_size: int, device: str) -> Generator:
+    """A greedy-decoding generator of a local model: what the DAMON stages answer and diagnose with."""
+    return Generator.load(
+        GeneratorConfig(model=model, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
+    )
+
+
 class _StopOnStrings:
     """Stop each sequence once its decoded answer contains a stop string.
 
