@@ -18,17 +18,22 @@ from mmed_rag.damon.data import (
     read_mimic_diff_vqa,
 )
 from mmed_rag.damon.diagnosis import condition_question, diagnosis_text
+from mmed_rag.damon.metrics import parse_difference
 from mmed_rag.damon.phantoms import (
     DAMON_DIFFERENCE_PROMPT,
     DAMON_INDEX,
+    FINDING_NAMES,
+    LEVELS,
     NO_FINDING,
     LongitudinalConfig,
     difference_answer,
     draw_pairs,
     image_path,
     make_longitudinal_phantoms,
+    pair_questions,
 )
 from mmed_rag.damon.prompts import record_prompt
+from mmed_rag.data.phantoms import Placement, render_phantom
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +159,55 @@ def test_each_of_damons_four_stages_has_a_data_config_per_split(written):
     first = read_damon_annotations(read_damon_data_config(out / "damon/data_config_mca_train.json")[0]).records[0]
     assert first.conversations[0].value == "<image>\nDescribe the findings of this chest X-ray."
     assert first.conversations[1].value.startswith("A frontal chest X-ray")
+
+
+def test_with_severity_findings_keep_their_side_and_change_level():
+    config = LongitudinalConfig(out="unused", patients=60, size=32, severity=True)
+    plain = draw_pairs(LongitudinalConfig(out="unused", patients=60, size=32))
+    pairs = draw_pairs(config)
+    assert [(p.prior, p.current, p.split) for p in pairs] == [(p.prior, p.current, p.split) for p in plain]
+    changed = [p for p in pairs if p.level_changes()]
+    assert changed, "some persisting finding grows or shrinks"
+    for pair in pairs:
+        assert set(dict(pair.sides)) == set(pair.prior) | set(pair.current)
+        for _, before, after in pair.level_changes():
+            assert abs(before - after) == 1
+        questions = pair_questions(pair, np.random.default_rng(0))
+        kinds = [kind for kind, _, _ in questions]
+        assert kinds[:2] == ["difference", "presence"]  # the plain questions first, as without severity
+        assert ("level" in kinds) == bool(pair.current)
+        answer = dict((kind, a) for kind, _, a in questions)
+        items = parse_difference(answer["difference"]).items
+        expected = {("changed", FINDING_NAMES[name]) for name, _, _ in pair.level_changes()}
+        assert {item for item in items if item[0] == "changed"} == expected
+        for kind, question, reply in questions:
+            name = next((n for n in FINDING_NAMES if FINDING_NAMES[n] in question), None)
+            if kind == "location":
+                assert reply == ("right side" if dict(pair.sides)[name] < 0 else "left side")
+            if kind == "level":
+                assert reply == LEVELS[dict(pair.current_levels)[name]]
+    # Apart from the level changes in the difference answer, a pair's plain questions are those without severity.
+    plain_pair = plain[pairs.index(changed[0])]
+    with_severity = pair_questions(changed[0], np.random.default_rng(0))
+    assert with_severity[1:4] == pair_questions(plain_pair, np.random.default_rng(0))[1:4]
+
+
+@pytest.mark.parametrize("finding", ["effusion", "nodule", "cardiomegaly", "pneumothorax"])
+def test_a_placed_finding_grows_with_its_level(finding):
+    """Same patient, same draws: a severe finding changes more of the film than a mild one, on the side asked."""
+
+    def film(placement):
+        rng = np.random.default_rng(7)
+        return np.asarray(render_phantom("radiology", [finding], 64, rng, placement), dtype=float)
+
+    mild, severe = (film({finding: Placement(side=1, level=level)}) for level in (0, 2))
+    if finding == "pneumothorax":  # more of the lung collapsed: more air without markings on its side, darker
+        assert severe[:, 32:].mean() < mild[:, 32:].mean()
+    else:  # fluid, nodule or heart: more of the film changed from a normal one
+        normal = np.asarray(render_phantom("radiology", [], 64, np.random.default_rng(7)), dtype=float)
+        assert np.abs(severe - normal).sum() > np.abs(mild - normal).sum()
+    if finding != "cardiomegaly":
+        left, right = film({finding: Placement(side=-1, level=2)}), film({finding: Placement(side=1, level=2)})
+        assert not np.array_equal(left, right)
+    with pytest.raises(ValueError, match="does not show"):
+        render_phantom("radiology", [], 64, np.random.default_rng(0), {finding: Placement(side=1)})

@@ -13,10 +13,13 @@ MIMIC-Diff-VQA's types and answer wording (read from its generator, Holipori/MIM
 - ``abnormality``: "what abnormalities are seen in this image?" -> the main image's findings, or "no finding";
 - ``view``: "which view is this image taken?" -> "PA view" (every phantom is a frontal film).
 
-Severity changes (MIMIC-Diff-VQA's ``level`` and the "grow or shrink" cases) and the ``location`` and ``type``
-questions need the renderer to expose a finding's side and size, which it does not yet. For the same reason a
-finding present on both films is drawn afresh on each: once the two films' findings differ, the renderer's random
-draws diverge and a persisting nodule or effusion may change side.
+With ``severity`` each finding of a patient keeps its side on both films and has a level (mild, moderate, severe;
+drawn to size by :class:`~mmed_rag.data.phantoms.Placement`) that a persisting finding may change by one: the
+difference answers then add "the level of X has changed from A to B.", and each pair gets MIMIC-Diff-VQA's
+``location`` ("is the X located on the left side or right side?" -> "left side", the patient's side) and ``level``
+("what level is the X?" -> "moderate") questions. Without it (the default) a finding present on both films is
+drawn afresh on each (its side may change), and the files are what they were before severity existed. There is no
+``type`` question: the phantoms draw one kind of each finding.
 
 Written twice, so both real loaders are exercised: in MIMIC-Diff-VQA's layout (``mimic_all.csv``,
 ``mimic_pair_questions.csv``, images in the MIMIC-CXR-JPG folder tree as PNG) and in DAMON's (InternVL-style JSONL
@@ -48,7 +51,7 @@ from mmed_rag.config import ConfigError
 from mmed_rag.damon import stage_data
 from mmed_rag.damon.data import DAMON_CONDITIONS, listed
 from mmed_rag.damon.diagnosis import diagnosis_text
-from mmed_rag.data.phantoms import FINDINGS, render_phantom
+from mmed_rag.data.phantoms import FINDINGS, Placement, render_phantom
 from mmed_rag.outputs import claim_outputs
 
 # The radiology phantom's findings as MIMIC-Diff-VQA names them, and their index in DAMON's condition list.
@@ -63,6 +66,7 @@ NO_FINDING = DAMON_CONDITIONS.index("no finding")
 DIFFERENCE_QUESTION = "what has changed compared to the reference image?"
 DAMON_DIFFERENCE_PROMPT = "What has changed between the main image<image>\n and the reference image<image>\n?"
 SPLITS = ("train", "val", "test")
+LEVELS = ("mild", "moderate", "severe")  # words of MIMIC-Diff-VQA's level library
 # DPM asks about every condition the phantoms can draw, and "no finding".
 DIAGNOSIS_ASKED = (*(DAMON_CONDITIONS[index] for index in DAMON_INDEX.values()), "no finding")
 
@@ -80,11 +84,21 @@ class LongitudinalConfig:
     appear_probability: float = field(default=0.2, metadata={"help": "chance that an absent finding appears"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of the patients in the val split"})
     test_fraction: float = field(default=0.2, metadata={"help": "share of the patients in the test split"})
+    severity: bool = field(
+        default=False,
+        metadata={
+            "help": "each finding keeps its side on both films and has a level (mild, moderate, severe) that may "
+            "change between them: adds location and level questions and level changes to the difference answers"
+        },
+    )
+    level_change_probability: float = field(
+        default=0.4, metadata={"help": "with severity: chance that a persisting finding grows or shrinks a level"}
+    )
 
     def __post_init__(self) -> None:
         if self.patients < 3 or self.size < 16:
             raise ConfigError("patients: at least 3 (one per split); size: at least 16 pixels")
-        for name in ("finding_probability", "resolve_probability", "appear_probability"):
+        for name in ("finding_probability", "resolve_probability", "appear_probability", "level_change_probability"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name}: expected a probability in [0, 1], got {getattr(self, name)}")
         if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
@@ -101,13 +115,33 @@ class PatientPair:
     prior: tuple[str, ...]
     current: tuple[str, ...]
     split: str
+    # With severity: each finding's side (-1: the image's left, the patient's right; 1) and its level on each film
+    # (0-2, LEVELS), as (finding, value) pairs; empty without.
+    sides: tuple[tuple[str, int], ...] = ()
+    prior_levels: tuple[tuple[str, int], ...] = ()
+    current_levels: tuple[tuple[str, int], ...] = ()
+
+    def placement(self, which: str) -> dict[str, Placement]:
+        """The side and level of each finding on the ``"prior"`` or ``"current"`` film (empty without severity)."""
+        sides, levels = dict(self.sides), dict(self.prior_levels if which == "prior" else self.current_levels)
+        return {name: Placement(sides[name], level) for name, level in levels.items()}
+
+    def level_changes(self) -> list[tuple[str, int, int]]:
+        """(finding, prior level, current level) of each persisting finding whose level changed."""
+        prior, current = dict(self.prior_levels), dict(self.current_levels)
+        return [
+            (name, prior[name], current[name]) for name in current if name in prior and prior[name] != current[name]
+        ]
 
 
-def difference_answer(current: Sequence[str], prior: Sequence[str]) -> str:
-    """MIMIC-Diff-VQA's difference answer for findings (their names) of the main and the reference study."""
+def difference_answer(
+    current: Sequence[str], prior: Sequence[str], changes: Sequence[tuple[str, str, str]] = ()
+) -> str:
+    """MIMIC-Diff-VQA's difference answer for findings (their names) of the main and the reference study, and the
+    level ``changes`` (name, reference level, main level) of findings on both."""
     added = [name for name in current if name not in prior]
     missing = [name for name in prior if name not in current]
-    if not added and not missing:
+    if not added and not missing and not changes:
         return "nothing has changed."
     parts = []
     for names, single, several in (
@@ -116,6 +150,7 @@ def difference_answer(current: Sequence[str], prior: Sequence[str]) -> str:
     ):
         if names:
             parts.append(f"{single if len(names) == 1 else several} {listed(names)} than the reference image. ")
+    parts += [f"the level of {name} has changed from {before} to {after}. " for name, before, after in changes]
     return "".join(parts)
 
 
@@ -147,9 +182,32 @@ def draw_pairs(config: LongitudinalConfig) -> list[PatientPair]:
                 prior=tuple(prior),
                 current=tuple(current),
                 split=split_of.get(patient, "train"),
+                **(_severity(prior, current, config, patient) if config.severity else {}),
             )
         )
     return pairs
+
+
+def _severity(prior: Sequence[str], current: Sequence[str], config: LongitudinalConfig, patient: int) -> dict:
+    """Sides and levels of one patient's findings (its own random stream: the findings' draws stay as they are)."""
+    rng = np.random.default_rng([config.seed, 5, patient])
+    shown = [name for name in FINDINGS["radiology"] if name in prior or name in current]
+    sides = {name: int(rng.choice([-1, 1])) for name in shown}
+    before = {name: int(rng.integers(len(LEVELS))) for name in prior}
+    after = {}
+    for name in current:
+        if name not in before:
+            after[name] = int(rng.integers(len(LEVELS)))
+        elif rng.random() < config.level_change_probability:  # one level up or down, within mild..severe
+            step = int(rng.choice([-1, 1]))
+            after[name] = before[name] + step if 0 <= before[name] + step < len(LEVELS) else before[name] - step
+        else:
+            after[name] = before[name]
+    return {
+        "sides": tuple(sides.items()),
+        "prior_levels": tuple(before.items()),
+        "current_levels": tuple(after.items()),
+    }
 
 
 def _indices(findings: Sequence[str]) -> list[int]:
@@ -167,10 +225,12 @@ def image_path(subject: str, study: str) -> str:
 
 
 def pair_questions(pair: PatientPair, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """``(question_type, question, answer)`` for one pair: difference, two presence, abnormality, view."""
+    """``(question_type, question, answer)`` for one pair: difference, two presence, abnormality, view; with
+    severity also location and level (MIMIC-Diff-VQA's wording) about one finding of the main image each."""
     current = [FINDING_NAMES[name] for name in pair.current]
     prior = [FINDING_NAMES[name] for name in pair.prior]
-    questions = [("difference", DIFFERENCE_QUESTION, difference_answer(current, prior))]
+    changes = [(FINDING_NAMES[name], LEVELS[a], LEVELS[b]) for name, a, b in pair.level_changes()]
+    questions = [("difference", DIFFERENCE_QUESTION, difference_answer(current, prior, changes))]
     present = list(pair.current)
     absent = [name for name in FINDINGS["radiology"] if name not in pair.current]
     for pool, answer in ((present, "yes"), (absent, "no")):
@@ -179,6 +239,16 @@ def pair_questions(pair: PatientPair, rng: np.random.Generator) -> list[tuple[st
             questions.append(("presence", f"is there {FINDING_NAMES[name]}?", answer))
     questions.append(("abnormality", "what abnormalities are seen in this image?", ", ".join(current) or "no finding"))
     questions.append(("view", "which view is this image taken?", "PA view"))
+    if pair.sides and pair.current:  # drawn after the others, so a pair's other questions are as without severity
+        sided = [name for name in pair.current if name != "cardiomegaly"]  # the heart has no side
+        if sided:
+            name = sided[int(rng.integers(len(sided)))]
+            side = "right" if dict(pair.sides)[name] < 0 else "left"  # the image's left is the patient's right
+            question = f"is the {FINDING_NAMES[name]} located on the left side or right side?"
+            questions.append(("location", question, f"{side} side"))
+        name = pair.current[int(rng.integers(len(pair.current)))]
+        level = LEVELS[dict(pair.current_levels)[name]]
+        questions.append(("level", f"what level is the {FINDING_NAMES[name]}?", level))
     return questions
 
 
@@ -231,7 +301,8 @@ def _make_longitudinal_phantoms(config: LongitudinalConfig) -> Path:
         for order, (study, findings) in enumerate(((pair.prior_study, pair.prior), (pair.current_study, pair.current))):
             # One seed per patient for both films (the renderer draws the pose and build first), then the
             # study's own exposure and noise, so two films of an unchanged patient still differ.
-            image = render_phantom("radiology", findings, config.size, np.random.default_rng(patient_seed))
+            placement = pair.placement("prior" if order == 0 else "current")
+            image = render_phantom("radiology", findings, config.size, np.random.default_rng(patient_seed), placement)
             image = _acquire(image, np.random.default_rng([config.seed, 4, number, order]))
             target = staging / "images" / image_path(pair.subject_id, study)
             target.parent.mkdir(parents=True, exist_ok=True)

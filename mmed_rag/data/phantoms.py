@@ -283,7 +283,39 @@ def _lung_markings(rng: np.random.Generator, pose: _Pose, side: int) -> np.ndarr
     return canvas
 
 
-def _render_radiology(findings: Sequence[str], size: int, rng: np.random.Generator) -> Image.Image:
+@dataclass(frozen=True)
+class Placement:
+    """Where a radiology finding is drawn and how large, for films that must agree (a patient's prior and current).
+
+    ``side``: -1 (the image's left, the patient's right on a frontal film) or 1; ``level``: 0, 1 or 2 (mild,
+    moderate, severe). ``None`` leaves either to the random draw. The draws are made either way, so a film drawn
+    without placements is the same as before placements existed.
+    """
+
+    side: int | None = None
+    level: int | None = None
+
+
+# Each finding's size by level (mild, moderate, severe), in the renderer's anatomy units.
+_HEART_WIDTH = (0.40, 0.46, 0.52)  # cardiomegaly: half-width of the heart (normal 0.27-0.31)
+_MENISCUS = (0.2, 0.08, -0.06)  # effusion: height of the fluid's top (lower is more fluid)
+_LUNG_LEFT = (0.62, 0.54, 0.44)  # pneumothorax: share of the lung's size left after its collapse
+_NODULE_RADIUS = (0.055, 0.075, 0.095)
+
+
+def _placed(placement: Mapping[str, Placement], finding: str, drawn, sizes: Sequence[float] | None = None):
+    """The drawn side (``sizes`` None) or size, unless ``placement`` fixes it for ``finding``."""
+    fixed = placement.get(finding)
+    if fixed is None:
+        return drawn
+    if sizes is None:
+        return drawn if fixed.side is None else fixed.side
+    return drawn if fixed.level is None else sizes[fixed.level]
+
+
+def _render_radiology(
+    findings: Sequence[str], size: int, rng: np.random.Generator, placement: Mapping[str, Placement]
+) -> Image.Image:
     pose = _random_pose(rng, size, degrees=4, scale=(0.92, 1.04), shift=0.04)
     x, y, px = *pose.grid(), pose.px
     # Trunk soft tissue, thickest mid-chest; the air outside the patient stays black.
@@ -297,7 +329,8 @@ def _render_radiology(findings: Sequence[str], size: int, rng: np.random.Generat
     abdomen = _inside(diaphragm - y, px)
     # Heart and mediastinum take the room of the lungs between them: their outline is where lung air stops.
     if "cardiomegaly" in findings:  # cardiothoracic ratio ~0.65 instead of ~0.42
-        heart = _ellipse(x, y, 0.13, 0.36, rng.uniform(0.44, 0.5), rng.uniform(0.28, 0.32), px)
+        width = _placed(placement, "cardiomegaly", rng.uniform(0.44, 0.5), _HEART_WIDTH)
+        heart = _ellipse(x, y, 0.13, 0.36, width, rng.uniform(0.28, 0.32), px)
     else:
         heart = _ellipse(x, y, 0.1, 0.36, rng.uniform(0.27, 0.31), rng.uniform(0.22, 0.25), px)
     # The mediastinum widens from the trachea down to the heart.
@@ -312,12 +345,12 @@ def _render_radiology(findings: Sequence[str], size: int, rng: np.random.Generat
     if "effusion" in findings:
         # Fluid fills the base up to a meniscus that rises laterally, hiding the dome and the costophrenic angle;
         # above it the lung is hazy where the fluid layer thins out.
-        side = rng.choice([-1, 1])
+        side = _placed(placement, "effusion", rng.choice([-1, 1]))
         lateral = np.clip((side * x - 0.08) / 0.6, 0, 1)
-        meniscus = rng.uniform(0.0, 0.18) - 0.25 * lateral**2
+        meniscus = _placed(placement, "effusion", rng.uniform(0.0, 0.18), _MENISCUS) - 0.25 * lateral**2
         fluid = np.maximum(_inside(meniscus - y, px), 0.35 * np.exp(-np.clip(meniscus - y, 0, None) / 0.08))
         lungs[side] = lungs[side] * (1 - fluid)
-    pneumothorax_side = rng.choice([-1, 1]) if "pneumothorax" in findings else 0
+    pneumothorax_side = _placed(placement, "pneumothorax", rng.choice([-1, 1])) if "pneumothorax" in findings else 0
     for side, lung in lungs.items():
         density -= 0.36 * lung
         if side != pneumothorax_side:
@@ -325,7 +358,7 @@ def _render_radiology(findings: Sequence[str], size: int, rng: np.random.Generat
             continue
         # The lung collapses towards its lower hilum: air without markings fills the apex and the lateral wall,
         # edged by the bright visceral pleural line; the collapsed lung is denser than an aerated one.
-        shrink = rng.uniform(0.5, 0.62)
+        shrink = _placed(placement, "pneumothorax", rng.uniform(0.5, 0.62), _LUNG_LEFT)
         anchor_x, anchor_y = side * 0.2, 0.3
         qx, qy = anchor_x + (x - anchor_x) / shrink, anchor_y + (y - anchor_y) / shrink
         edge = (np.hypot((qx - side * 0.38) / 0.3, qy / 0.76) - 1) * 0.3 * shrink
@@ -341,8 +374,9 @@ def _render_radiology(findings: Sequence[str], size: int, rng: np.random.Generat
     density += 0.06 * _inside(np.abs(x) - 0.065, px) * (1 + 0.3 * np.cos(2 * math.pi * y * 6))  # spine
 
     if "nodule" in findings:
-        side = rng.choice([-1, 1])
-        cx, cy, r = side * rng.uniform(0.3, 0.5), rng.uniform(-0.45, 0.1), rng.uniform(0.065, 0.085)
+        side = _placed(placement, "nodule", rng.choice([-1, 1]))
+        cx, cy = side * rng.uniform(0.3, 0.5), rng.uniform(-0.45, 0.1)
+        r = _placed(placement, "nodule", rng.uniform(0.065, 0.085), _NODULE_RADIUS)
         density += 0.4 * np.exp(-0.5 * np.hypot(x - cx, y - cy) ** 2 / (0.6 * r) ** 2)
 
     density += 0.02 * _smooth_noise(rng, size, 0.08) + 0.012 * rng.standard_normal((size, size))
@@ -582,18 +616,32 @@ def _render_ophthalmology(findings: Sequence[str], size: int, rng: np.random.Gen
 _RENDERERS = {"radiology": _render_radiology, "pathology": _render_pathology, "ophthalmology": _render_ophthalmology}
 
 
-def render_phantom(modality: str, findings: Sequence[str], size: int, rng: np.random.Generator) -> Image.Image:
+def render_phantom(
+    modality: str,
+    findings: Sequence[str],
+    size: int,
+    rng: np.random.Generator,
+    placement: Mapping[str, Placement] | None = None,
+) -> Image.Image:
     """Draw one ``size`` x ``size`` image of ``modality`` showing ``findings`` (empty: a normal study).
 
     Radiology comes back as an 8-bit grayscale ``L`` image, pathology and ophthalmology as ``RGB``. Pure: the
-    image depends only on the arguments and the state of ``rng``.
+    image depends only on the arguments and the state of ``rng``. ``placement`` (radiology only) fixes a finding's
+    side and size (:class:`Placement`).
     """
     if modality not in FINDINGS:
         raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(FINDINGS)}")
     unknown = sorted(set(findings) - set(FINDINGS[modality]))
     if unknown:
         raise ValueError(f"unknown {modality} finding(s) {unknown}; expected some of {', '.join(FINDINGS[modality])}")
-    return _RENDERERS[modality](findings, size, rng)
+    if modality != "radiology":
+        if placement:
+            raise ValueError(f"placement is drawn for radiology findings only, not {modality}")
+        return _RENDERERS[modality](findings, size, rng)
+    unplaced = sorted(set(placement or {}) - set(findings))
+    if unplaced:
+        raise ValueError(f"placement for finding(s) {unplaced} that the film does not show")
+    return _render_radiology(findings, size, rng, placement or {})
 
 
 # -- reports and questions -----------------------------------------------------------------------------------
