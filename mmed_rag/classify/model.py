@@ -174,7 +174,7 @@ class ImageClassifier:
         return {}
 
     @classmethod
-    def build(cls, encoder, preprocess, head, architecture: dict, state: dict) -> ImageClassifier:
+    def build(cls, encoder, preprocess, head, architecture: dict) -> ImageClassifier:
         """A classifier of this kind from a loaded directory's parts."""
         return cls(encoder, preprocess, head, architecture[cls.LABELS_KEY], architecture["encoder"]["model_name"])
 
@@ -230,11 +230,15 @@ class ImageClassifier:
         manifest = _read_json(directory / MANIFEST_FILE)
         architecture = _read_json(directory / ARCHITECTURE_FILE)
         for data in (manifest, architecture):
-            if data.get("format_version") != cls.FORMAT_VERSION or cls.LABELS_KEY not in data:
+            if data.get("format_version") != cls.FORMAT_VERSION:
                 raise ClassifierError(
                     f"{directory}: not a {cls.NAME} of format_version {cls.FORMAT_VERSION} (it says "
-                    f"{data.get('format_version')!r}, with no {cls.LABELS_KEY!r} or other labels); retrain it "
-                    f"(`{cls.TRAIN_COMMAND}`)."
+                    f"{data.get('format_version')!r}); retrain it (`{cls.TRAIN_COMMAND}`)."
+                )
+            if cls.LABELS_KEY not in data:
+                raise ClassifierError(
+                    f"{directory}: not a {cls.NAME} (it names no {cls.LABELS_KEY!r}); train one with "
+                    f"`{cls.TRAIN_COMMAND}`."
                 )
         for name, expected in manifest["files"].items():
             cls._check_pinned(directory, name, expected)
@@ -247,7 +251,7 @@ class ImageClassifier:
         state = load_file(directory / HEAD_FILE)
         head = cls.new_head(architecture["embed_dim"], len(architecture[cls.LABELS_KEY]), architecture["hidden"], state)
         head.load_state_dict(state)
-        classifier = cls.build(encoder, preprocess, head.to(device), architecture, state)
+        classifier = cls.build(encoder, preprocess, head.to(device), architecture)
         classifier.finetuned_tower = architecture["finetuned_tower"]
         classifier._encoder_source = str(directory / ENCODER_DIR)
         return classifier

@@ -96,10 +96,12 @@ class LabelledImageDataset(Dataset):
 
 @dataclass
 class TrainedHead:
-    """What :func:`train_head` leaves: the history per epoch and the final embeddings of the training images."""
+    """What :func:`train_head` leaves: the history per epoch and the final embeddings of the training images and of
+    the val images (None without val images)."""
 
     history: list[dict]
     train_features: torch.Tensor
+    val_features: torch.Tensor | None
 
 
 def train_head(
@@ -184,9 +186,9 @@ def train_head(
 
     for part in (head, encoder) if settings.finetune_tower else (head,):
         check_parameters(part, stage, f"the end of epoch {settings.epochs}", optimizer.param_groups[0]["lr"])
-    # Later measurements (the domain classifier's training regions) need the final embeddings: the tower's own,
-    # when it was trained.
-    return TrainedHead(history, embeddings("train") if settings.finetune_tower else train_features)
+    # Later measurements (the domain classifier's training regions, the finding classifier's thresholds) need the
+    # final embeddings: the tower's own, when it was trained (val's were taken after the last epoch).
+    return TrainedHead(history, embeddings("train") if settings.finetune_tower else train_features, val_features)
 
 
 def publish_classifier(

@@ -146,7 +146,7 @@ class FindingClassifier(ImageClassifier):
         return FindingHead(embed_dim, num_classes, hidden)
 
     @classmethod
-    def build(cls, encoder, preprocess, head, architecture: dict, state: dict) -> FindingClassifier:
+    def build(cls, encoder, preprocess, head, architecture: dict) -> FindingClassifier:
         return cls(
             encoder,
             preprocess,
@@ -397,18 +397,25 @@ def _train_findings(config: TrainFindingsConfig) -> Path:
     )
     classifier = FindingClassifier(encoder, preprocess_val, head, findings, label_set, config.model,
                                    config.finetune_tower)  # fmt: skip
-    calibration = _calibrate(classifier, images.get("val", []), targets.get("val"), config)
+    # Each held-out split embedded once (val's already, by the training): thresholds and metrics both read them.
+    probabilities = {
+        split: classifier.probabilities_of(
+            trained.val_features.cpu().numpy()
+            if split == "val"
+            else encode_labelled(encoder, preprocess_val, images[split], config.batch_size, config.workers)
+        )
+        for split in ("val", "test")
+        if images.get(split)
+    }
+    calibration = _calibrate(classifier, probabilities.get("val"), targets.get("val"), config.threshold)
     out = Path(config.out)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     results = {}
-    for split in ("val", "test"):
-        if images.get(split):
-            features = encode_labelled(encoder, preprocess_val, images[split], config.batch_size, config.workers)
-            predicted = classifier.label_sets(classifier.probabilities_of(features))
-            results[split] = finding_metrics(gold[split], predicted, label_set, findings)
-            plot_f1(results[split], staging / f"f1_{split}.png", f"finding classifier, {split} ({config.model})")
-            logger.info("%s: %s", split, describe(results[split]))
+    for split, found in probabilities.items():
+        results[split] = finding_metrics(gold[split], classifier.label_sets(found), label_set, findings)
+        plot_f1(results[split], staging / f"f1_{split}.png", f"finding classifier, {split} ({config.model})")
+        logger.info("%s: %s", split, describe(results[split]))
     atomic_write_text(staging / METRICS_FILE, "".join(json.dumps(line) + "\n" for line in trained.history))
     save_config(config, staging)
     return publish_classifier(
@@ -434,14 +441,14 @@ def _train_findings(config: TrainFindingsConfig) -> Path:
     )
 
 
-def _calibrate(classifier: FindingClassifier, images, truth: torch.Tensor | None, config: TrainFindingsConfig) -> dict:
-    """Set each finding's threshold: ``config.threshold`` for all, or the one with the best val F1."""
-    if config.threshold is not None or not images:
-        value = 0.5 if config.threshold is None else config.threshold
+def _calibrate(
+    classifier: FindingClassifier, probabilities: np.ndarray | None, truth: torch.Tensor | None, fixed: float | None
+) -> dict:
+    """Set each finding's threshold: ``fixed`` for all, or the one with the best F1 on the val ``probabilities``."""
+    if fixed is not None or probabilities is None:
+        value = 0.5 if fixed is None else fixed
         classifier.head.thresholds.fill_(value)
-        return {"rule": "fixed" if config.threshold is not None else "0.5 (no val images)", "thresholds": value}
-    features = encode_labelled(classifier.encoder, classifier.preprocess, images, config.batch_size, config.workers)
-    probabilities = classifier.probabilities_of(features)
+        return {"rule": "fixed" if fixed is not None else "0.5 (no val images)", "thresholds": value}
     chosen = {}
     for column, name in enumerate(classifier.findings):
         threshold, f1 = best_f1_threshold(probabilities[:, column], truth[:, column].numpy())

@@ -303,14 +303,16 @@ _LUNG_LEFT = (0.62, 0.54, 0.44)  # pneumothorax: share of the lung's size left a
 _NODULE_RADIUS = (0.055, 0.075, 0.095)
 
 
-def _placed(placement: Mapping[str, Placement], finding: str, drawn, sizes: Sequence[float] | None = None):
-    """The drawn side (``sizes`` None) or size, unless ``placement`` fixes it for ``finding``."""
+def _side(placement: Mapping[str, Placement], finding: str, drawn: int) -> int:
+    """The drawn side of ``finding``, unless ``placement`` fixes it."""
     fixed = placement.get(finding)
-    if fixed is None:
-        return drawn
-    if sizes is None:
-        return drawn if fixed.side is None else fixed.side
-    return drawn if fixed.level is None else sizes[fixed.level]
+    return drawn if fixed is None or fixed.side is None else fixed.side
+
+
+def _size(placement: Mapping[str, Placement], finding: str, drawn: float, sizes: Sequence[float]) -> float:
+    """The drawn size of ``finding``, unless ``placement`` fixes its level (``sizes``: by level)."""
+    fixed = placement.get(finding)
+    return drawn if fixed is None or fixed.level is None else sizes[fixed.level]
 
 
 def _render_radiology(
@@ -329,7 +331,7 @@ def _render_radiology(
     abdomen = _inside(diaphragm - y, px)
     # Heart and mediastinum take the room of the lungs between them: their outline is where lung air stops.
     if "cardiomegaly" in findings:  # cardiothoracic ratio ~0.65 instead of ~0.42
-        width = _placed(placement, "cardiomegaly", rng.uniform(0.44, 0.5), _HEART_WIDTH)
+        width = _size(placement, "cardiomegaly", rng.uniform(0.44, 0.5), _HEART_WIDTH)
         heart = _ellipse(x, y, 0.13, 0.36, width, rng.uniform(0.28, 0.32), px)
     else:
         heart = _ellipse(x, y, 0.1, 0.36, rng.uniform(0.27, 0.31), rng.uniform(0.22, 0.25), px)
@@ -345,12 +347,12 @@ def _render_radiology(
     if "effusion" in findings:
         # Fluid fills the base up to a meniscus that rises laterally, hiding the dome and the costophrenic angle;
         # above it the lung is hazy where the fluid layer thins out.
-        side = _placed(placement, "effusion", rng.choice([-1, 1]))
+        side = _side(placement, "effusion", rng.choice([-1, 1]))
         lateral = np.clip((side * x - 0.08) / 0.6, 0, 1)
-        meniscus = _placed(placement, "effusion", rng.uniform(0.0, 0.18), _MENISCUS) - 0.25 * lateral**2
+        meniscus = _size(placement, "effusion", rng.uniform(0.0, 0.18), _MENISCUS) - 0.25 * lateral**2
         fluid = np.maximum(_inside(meniscus - y, px), 0.35 * np.exp(-np.clip(meniscus - y, 0, None) / 0.08))
         lungs[side] = lungs[side] * (1 - fluid)
-    pneumothorax_side = _placed(placement, "pneumothorax", rng.choice([-1, 1])) if "pneumothorax" in findings else 0
+    pneumothorax_side = _side(placement, "pneumothorax", rng.choice([-1, 1])) if "pneumothorax" in findings else 0
     for side, lung in lungs.items():
         density -= 0.36 * lung
         if side != pneumothorax_side:
@@ -358,7 +360,7 @@ def _render_radiology(
             continue
         # The lung collapses towards its lower hilum: air without markings fills the apex and the lateral wall,
         # edged by the bright visceral pleural line; the collapsed lung is denser than an aerated one.
-        shrink = _placed(placement, "pneumothorax", rng.uniform(0.5, 0.62), _LUNG_LEFT)
+        shrink = _size(placement, "pneumothorax", rng.uniform(0.5, 0.62), _LUNG_LEFT)
         anchor_x, anchor_y = side * 0.2, 0.3
         qx, qy = anchor_x + (x - anchor_x) / shrink, anchor_y + (y - anchor_y) / shrink
         edge = (np.hypot((qx - side * 0.38) / 0.3, qy / 0.76) - 1) * 0.3 * shrink
@@ -374,9 +376,9 @@ def _render_radiology(
     density += 0.06 * _inside(np.abs(x) - 0.065, px) * (1 + 0.3 * np.cos(2 * math.pi * y * 6))  # spine
 
     if "nodule" in findings:
-        side = _placed(placement, "nodule", rng.choice([-1, 1]))
+        side = _side(placement, "nodule", rng.choice([-1, 1]))
         cx, cy = side * rng.uniform(0.3, 0.5), rng.uniform(-0.45, 0.1)
-        r = _placed(placement, "nodule", rng.uniform(0.065, 0.085), _NODULE_RADIUS)
+        r = _size(placement, "nodule", rng.uniform(0.065, 0.085), _NODULE_RADIUS)
         density += 0.4 * np.exp(-0.5 * np.hypot(x - cx, y - cy) ** 2 / (0.6 * r) ** 2)
 
     density += 0.02 * _smooth_noise(rng, size, 0.08) + 0.012 * rng.standard_normal((size, size))

@@ -215,7 +215,7 @@ class DomainClassifier(ImageClassifier):
         return DomainHead(embed_dim, num_classes, hidden, len(state["bank"]))
 
     @classmethod
-    def build(cls, encoder, preprocess, head, architecture: dict, state: dict) -> DomainClassifier:
+    def build(cls, encoder, preprocess, head, architecture: dict) -> DomainClassifier:
         return cls(
             encoder,
             preprocess,
