@@ -114,6 +114,15 @@ def _run_build_index(config) -> int:
     return 0
 
 
+def _print_pending(parts: tuple[int, ...], output: str) -> None:
+    """A split run's part that finished before the others: say which parts the merge into ``output`` waits for."""
+    if parts:
+        print(
+            f"parts {', '.join(map(str, parts))} are not finished yet: the last part to finish merges all of them "
+            f"into {output} (rerun an interrupted part with the same command to resume it)"
+        )
+
+
 def _retrieve_config() -> type:
     from mmed_rag.retrieval.configs import RetrieveConfig
 
@@ -128,6 +137,7 @@ def _run_retrieve(config) -> int:
         f"wrote {summary.written} record(s) with reference reports to {summary.output_path}"
         f" ({summary.resumed} from an earlier run, {len(summary.skipped)} skipped); index: {summary.index_dir}"
     )
+    _print_pending(summary.pending_parts, config.output_path)
     for problem in summary.skipped:
         print(f"  skipped: {problem}")
     return 0
@@ -181,6 +191,7 @@ def _run_generate(config) -> int:
         f"wrote {summary.written} prediction(s) to {summary.output} ({summary.resumed} from an earlier run, "
         f"{len(summary.skipped)} skipped)"
     )
+    _print_pending(summary.pending_parts, config.output)
     for problem in summary.skipped:
         print(f"  skipped: {problem}")
     return 0

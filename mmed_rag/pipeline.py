@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from mmed_rag.progress import progress_bar
 from mmed_rag.resumable import ResumableOutput
 from mmed_rag.retrieval.encode import embed_pixels
 from mmed_rag.retrieval.router import Router
+from mmed_rag.sharding import Shard, check_parts, merge_parts, resolve_shard, unfinished_parts
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class RunSummary:
     written: int
     resumed: int
     skipped: list[str]
+    pending_parts: tuple[int, ...] = ()  # a split run's parts still to finish before the merge (see sharding)
 
 
 def _noise_for(image: Image.Image, key: object, seed: int, noise: str = "replace") -> Image.Image:
@@ -168,22 +170,52 @@ class MMedRAG:
         return record.question
 
     def run_file(
-        self, input_path: str | os.PathLike, output_path: str | os.PathLike, read: tuple[list, list[str]] | None = None
+        self,
+        input_path: str | os.PathLike,
+        output_path: str | os.PathLike,
+        read: tuple[list, list[str]] | None = None,
+        shard: Shard | None = None,
     ) -> RunSummary:
         """Answer every record of a VQA or report test file; resumable; the output appears when complete.
 
         ``read``: the file's ``(records, skipped)`` when the caller has read it already (``generate`` reads the
         input before loading the model, so a bad file fails in a second, not after minutes of loading).
+        ``shard``: answer only this part of the records (:mod:`mmed_rag.sharding`); the process that finishes
+        the last part merges them into ``output_path``.
         """
         output = Path(output_path)
-        files = [output, *self.config.output_paths()]
+        shard = shard or Shard()
+        target = shard.output(output)
+        files = [target, *self.config.output_paths()] if shard.single else [target]
         with claim_outputs("generate", files=files, inputs=[input_path, *self.config.read_paths()]):
-            return self._run_file(input_path, output, read or read_or_skip(input_path, self.config.on_error))
+            check_parts(output, shard, self.config.fresh)
+            records, skipped = read or read_or_skip(input_path, self.config.on_error)
+            start, stop = shard.bounds(len(records), self.generator.config.batch_size)
+            identity = {**self._identity(input_path), **shard.identity(len(records), self.generator.config.batch_size)}
+            summary = self._run_file(input_path, target, (records[start:stop], skipped), identity, shard.single)
+            if shard.single:
+                self._write_answer_file(output)
+                return summary
+        merged = merge_parts(output, shard.count, [record.key for record in records])
+        if merged is None:
+            return replace(summary, pending_parts=tuple(unfinished_parts(output, shard.count)))
+        logger.info("Merged the %d parts into %s (%d predictions)", shard.count, output, merged)
+        with claim_outputs("generate", files=self.config.output_paths()):
+            self._write_answer_file(output)
+        return replace(summary, output=output, written=merged)
 
-    def _run_file(self, input_path, output: Path, read: tuple[list, list[str]]) -> RunSummary:
+    def _write_answer_file(self, output: Path) -> None:
+        """The authors' answer-file format beside our output, when asked for."""
+        if self.config.authors_answer_file:
+            from mmed_rag.generation.answer_file import authors_answer_lines
+
+            lines = authors_answer_lines(read_jsonl(output), self.config.model, self.config.noised_image)
+            write_jsonl(self.config.authors_answer_file, lines)
+
+    def _run_file(self, input_path, output: Path, read: tuple[list, list[str]], identity: dict, single: bool):
         records, skipped = read[0], list(read[1])
         batch_size = self.generator.config.batch_size
-        with ResumableOutput(output, self._identity(input_path), fresh=self.config.fresh) as sink:
+        with ResumableOutput(output, identity, fresh=self.config.fresh, keep_identity=not single) as sink:
             done = sink.done
             todo = [record for record in records if record.key not in done]
             for start in progress_bar(range(0, len(todo), batch_size), desc="generating", unit="batch"):
@@ -228,11 +260,6 @@ class MMedRAG:
                     outputs.append(line)
                 sink.append(outputs)
             written = sink.finish()
-        if self.config.authors_answer_file:
-            from mmed_rag.generation.answer_file import authors_answer_lines
-
-            lines = authors_answer_lines(read_jsonl(output), self.config.model, self.config.noised_image)
-            write_jsonl(self.config.authors_answer_file, lines)
         logger.info("Wrote %d prediction(s) to %s (%d skipped)", written, output, len(skipped))
         return RunSummary(output, written, len(done), skipped)
 
@@ -273,9 +300,12 @@ def generate(config: PipelineConfig) -> RunSummary:
     if config.input is None or config.output is None:
         raise ConfigError("give --input (a VQA JSONL or report JSON) and --output")
     output = Path(config.output)
-    with claim_outputs("generate", files=[output], inputs=config.read_paths()):
+    shard = resolve_shard(config.num_chunks, config.chunk_idx)
+    with claim_outputs("generate", files=[shard.output(output)], inputs=config.read_paths()):
+        check_parts(output, shard, config.fresh)  # before the model loads (run_file checks it again)
         read = read_or_skip(config.input, config.on_error)
-        pipeline = MMedRAG.from_config(config)
-        summary = pipeline.run_file(config.input, output, read)
+        pipeline = MMedRAG.from_config(config, device=shard.device(config.device))
+        summary = pipeline.run_file(config.input, output, read, shard)
+    if not summary.pending_parts:
         save_config(config, output.parent, name=f"{output.stem}.config.yaml")
     return summary

@@ -13,6 +13,10 @@ what decides the results (the input's sha256, fingerprints of the model, adapter
 options that change answers); a rerun whose identity differs is refused with the differences named, instead of
 splicing two runs into one output. A finished output is not silently written again either. ``fresh=True``
 (``--fresh``, ``--overwrite``) discards the partial file, or replaces the finished output, and starts over.
+
+``keep_identity=True`` keeps the record beside the finished output (``OUTPUT.identity.json``), and a rerun with the
+same identity finds it done instead of refusing it: the parts of a sharded run (:mod:`mmed_rag.sharding`), where
+one rank's finished part waits for the others', and is merged only with parts of the same run.
 """
 
 from __future__ import annotations
@@ -70,43 +74,36 @@ class ResumableOutput:
     Use it as a context manager; the partial file is opened at the first :meth:`append` and closed on exit.
     """
 
-    def __init__(self, output: str | os.PathLike, identity: dict | None = None, *, fresh: bool = False):
+    def __init__(
+        self,
+        output: str | os.PathLike,
+        identity: dict | None = None,
+        *,
+        fresh: bool = False,
+        keep_identity: bool = False,
+    ):
         self.output = Path(output)
         self.partial = partial_path(output)
         self.identity_path = self.partial.with_name(self.partial.name + IDENTITY_SUFFIX)
+        self.finished_identity_path = finished_identity_path(output)
         self.identity = json.loads(json.dumps(identity or {}))  # as it reads back from the file
+        self.keep_identity = keep_identity
+        self.finished = False  # the output was finished by an earlier run with this identity (keep_identity)
         if fresh:
-            self.partial.unlink(missing_ok=True)
-            self.identity_path.unlink(missing_ok=True)
+            for path in (self.partial, self.identity_path, self.finished_identity_path):
+                path.unlink(missing_ok=True)
         elif self.partial.exists():
-            self._check_identity()
+            check_identity(self.identity_path, self.partial, self.identity)
         elif self.output.exists():
-            raise ResumeError(
-                f"{self.output} exists and is complete (an earlier run finished it): pass --fresh (or --overwrite) "
-                "to write it again, or choose another output"
-            )
-        self.done = completed_keys(self.partial)
+            if not (keep_identity and self.finished_identity_path.exists()):
+                raise ResumeError(
+                    f"{self.output} exists and is complete (an earlier run finished it): pass --fresh (or "
+                    "--overwrite) to write it again, or choose another output"
+                )
+            check_identity(self.finished_identity_path, self.output, self.identity)
+            self.finished = True
+        self.done = completed_keys(self.output if self.finished else self.partial)
         self._sink: IO[str] | None = None
-
-    def _check_identity(self) -> None:
-        try:
-            recorded = json.loads(self.identity_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise ResumeError(
-                f"{self.partial} holds results of a run that left no record of its inputs and settings "
-                f"({self.identity_path.name} is missing or unreadable): rerun with --fresh to start over"
-            ) from None
-        changed = [
-            key for key in sorted(set(recorded) | set(self.identity)) if recorded.get(key) != self.identity.get(key)
-        ]
-        if changed:
-            shown = first_few(
-                [f"{key}: {recorded.get(key)!r} then, {self.identity.get(key)!r} now" for key in changed], 4
-            )
-            raise ResumeError(
-                f"{self.partial} holds results of a run with other inputs or settings ({shown}); resuming would "
-                "mix the two in one output: rerun with the same ones, or with --fresh to start over"
-            )
 
     def __enter__(self) -> ResumableOutput:
         return self
@@ -121,6 +118,8 @@ class ResumableOutput:
         lines = list(lines)
         if not lines:
             return
+        if self.finished:
+            raise ResumeError(f"{self.output} is finished: nothing more can be appended to it")
         if self._sink is None:
             if not self.partial.exists():  # the record goes first: a partial file never exists without it
                 atomic_write_text(self.identity_path, json.dumps(self.identity, indent=1, sort_keys=True) + "\n")
@@ -130,6 +129,10 @@ class ResumableOutput:
     def finish(self) -> int:
         """Rename the complete partial file to the output (an empty output if nothing was written); its lines."""
         self.__exit__()
+        if self.finished:
+            return len(self.done)
+        if self.keep_identity:  # first: a crash before the rename below leaves a resumable partial file
+            atomic_write_text(self.finished_identity_path, json.dumps(self.identity, indent=1, sort_keys=True) + "\n")
         if not self.partial.exists():
             atomic_write_bytes(self.output, b"")
             return 0
@@ -138,3 +141,39 @@ class ResumableOutput:
         os.replace(self.partial, self.output)
         self.identity_path.unlink(missing_ok=True)
         return written
+
+
+def finished_identity_path(output: str | os.PathLike) -> Path:
+    """Where a finished output keeps the record of the run that made it (``keep_identity``)."""
+    output = Path(output)
+    return output.with_name(output.name + IDENTITY_SUFFIX)
+
+
+def read_identity(path: Path, holder: Path) -> dict:
+    """The identity record at ``path`` of the results in ``holder``; refused when missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ResumeError(
+            f"{holder} holds results of a run that left no record of its inputs and settings "
+            f"({path.name} is missing or unreadable): rerun with --fresh to start over"
+        ) from None
+
+
+def identity_differences(recorded: dict, current: dict) -> list[str]:
+    """'key: then, now' for each entry that differs between two identity records."""
+    return [
+        f"{key}: {recorded.get(key)!r} then, {current.get(key)!r} now"
+        for key in sorted(set(recorded) | set(current))
+        if recorded.get(key) != current.get(key)
+    ]
+
+
+def check_identity(path: Path, holder: Path, identity: dict) -> None:
+    """Refuse to resume ``holder`` unless the record at ``path`` equals this run's ``identity``."""
+    changed = identity_differences(read_identity(path, holder), identity)
+    if changed:
+        raise ResumeError(
+            f"{holder} holds results of a run with other inputs or settings ({first_few(changed, 4)}); resuming "
+            "would mix the two in one output: rerun with the same ones, or with --fresh to start over"
+        )

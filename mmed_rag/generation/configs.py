@@ -128,6 +128,12 @@ class PipelineConfig:
             "aliases": ["--overwrite"],
         },
     )
+    num_chunks: int = field(
+        default=1, metadata={"help": "split the input into this many parts, one per job (LLaVA's convention)"}
+    )
+    chunk_idx: int = field(
+        default=0, metadata={"help": "the part this job answers (0-based); the last part to finish merges them all"}
+    )
 
     def __post_init__(self) -> None:
         if self.do_sample and not self.temperature > 0:

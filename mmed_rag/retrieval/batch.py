@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import filelock
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -35,6 +36,7 @@ from mmed_rag.retrieval.clip import create_clip, resolve_clip
 from mmed_rag.retrieval.configs import RetrieveConfig
 from mmed_rag.retrieval.encode import embed_pixels
 from mmed_rag.retrieval.index import IndexMissingError, ReportIndex, Retriever, RetrieverIdentity
+from mmed_rag.sharding import Shard, check_parts, merge_parts, resolve_shard, unfinished_parts
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class RetrievalSummary:
     resumed: int  # records found already done in OUTPUT.partial
     skipped: list[str]  # "id: problem" for records left out (on_error="skip")
     index_dir: Path | None  # where the index came from (None: built in memory)
+    pending_parts: tuple[int, ...] = ()  # a split run's parts still to finish before the merge (see sharding)
 
 
 def load_retriever(model_name_or_path: str, checkpoint_path: str | None, device: str = "cpu") -> Retriever:
@@ -67,15 +70,21 @@ def load_retriever(model_name_or_path: str, checkpoint_path: str | None, device:
 def cached_index(
     retriever: Retriever, corpus: Path, cache_root: Path, batch_size: int = 256
 ) -> tuple[ReportIndex, Path]:
-    """The corpus index for ``retriever``, from ``cache_root`` if built before, else built and cached there."""
+    """The corpus index for ``retriever``, from ``cache_root`` if built before, else built and cached there.
+
+    The processes of a split run (:mod:`mmed_rag.sharding`) build it once: the first holds a lock while it
+    builds, the others wait for it and load what it saved (the lock is an flock, dropped if the builder dies).
+    """
     key = f"{retriever.identity.weights_sha256[:16]}-{file_sha256(corpus)[:16]}"
     directory = cache_root / key
-    try:
-        index = ReportIndex.load(directory, retriever=retriever.identity, corpus=corpus)
-        logger.info("Reusing the cached report index %s", directory)
-    except IndexMissingError:
-        index = ReportIndex.build(retriever, corpus, modality=corpus.parent.name, batch_size=batch_size)
-        index.save(directory)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(cache_root / f"{key}.lock"):
+        try:
+            index = ReportIndex.load(directory, retriever=retriever.identity, corpus=corpus)
+            logger.info("Reusing the cached report index %s", directory)
+        except IndexMissingError:
+            index = ReportIndex.build(retriever, corpus, modality=corpus.parent.name, batch_size=batch_size)
+            index.save(directory)
     return index, directory
 
 
@@ -114,16 +123,29 @@ def _identity(config: RetrieveConfig, retriever: Retriever) -> dict:
 
 
 def retrieve(config: RetrieveConfig) -> RetrievalSummary:
-    """Retrieve reports for every record of ``config.eval_json`` and write the original output format."""
+    """Retrieve reports for every record of ``config.eval_json`` and write the original output format.
+
+    Under torchrun, or with ``num_chunks``, this process retrieves for its part of the records only, and the
+    process that finishes the last part merges them into the output (:mod:`mmed_rag.sharding`).
+    """
     output = Path(config.output_path)
+    shard = resolve_shard(config.num_chunks, config.chunk_idx)
     inputs = [config.eval_json, config.train_json, config.index, config.checkpoint_path, config.model_name_or_path]
-    with claim_outputs("retrieve", files=[output], inputs=inputs):
-        return _retrieve(config, output)
+    with claim_outputs("retrieve", files=[shard.output(output)], inputs=inputs):
+        check_parts(output, shard, config.fresh)
+        records, skipped = read_or_skip(config.eval_json, config.on_error)  # a bad input fails before any model
+        summary = _retrieve(config, output, shard, records, skipped)
+    if shard.single:
+        return summary
+    merged = merge_parts(output, shard.count, [record.key for record in records])
+    if merged is None:
+        return replace(summary, pending_parts=tuple(unfinished_parts(output, shard.count)))
+    logger.info("Merged the %d parts into %s (%d records)", shard.count, output, merged)
+    return replace(summary, output_path=output, written=merged)
 
 
-def _retrieve(config: RetrieveConfig, output: Path) -> RetrievalSummary:
-    records, skipped = read_or_skip(config.eval_json, config.on_error)  # a bad input fails before any model loads
-    device = resolve_device(config.device)
+def _retrieve(config: RetrieveConfig, output: Path, shard: Shard, records: list, skipped: list[str]):
+    device = resolve_device(shard.device(config.device))
     retriever = load_retriever(config.model_name_or_path, config.checkpoint_path, device)
     if config.index is not None:
         corpus = config.train_json
@@ -135,11 +157,17 @@ def _retrieve(config: RetrieveConfig, output: Path) -> RetrievalSummary:
         index, index_dir = cached_index(retriever, Path(config.train_json), output.parent / INDEX_CACHE_DIR)
 
     selection = config.selection()
-    with ResumableOutput(output, _identity(config, retriever), fresh=config.fresh) as sink, torch.no_grad():
+    start, stop = shard.bounds(len(records), config.batch_size)
+    identity = {**_identity(config, retriever), **shard.identity(len(records), config.batch_size)}
+    target = shard.output(output)
+    with (
+        ResumableOutput(target, identity, fresh=config.fresh, keep_identity=not shard.single) as sink,
+        torch.no_grad(),
+    ):
         done = sink.done
-        todo = [record for record in records if record.key not in done]
+        todo = [record for record in records[start:stop] if record.key not in done]
         if done:
-            logger.info("Resuming %s: %d record(s) done, %d to go", output, len(done), len(todo))
+            logger.info("Resuming %s: %d record(s) done, %d to go", target, len(done), len(todo))
         loader = DataLoader(
             _QueryImages(todo, config.img_root, retriever.preprocess),
             batch_size=config.batch_size,
@@ -169,5 +197,5 @@ def _retrieve(config: RetrieveConfig, output: Path) -> RetrievalSummary:
                 )
             )
         written = sink.finish()
-    logger.info("Wrote %d record(s) to %s (%d skipped)", written, output, len(skipped))
-    return RetrievalSummary(output, written, len(done), skipped, index_dir)
+    logger.info("Wrote %d record(s) to %s (%d skipped)", written, target, len(skipped))
+    return RetrievalSummary(target, written, len(done), skipped, index_dir)

@@ -175,6 +175,12 @@ class RetrieveConfig:
         },
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+    num_chunks: int = field(
+        default=1, metadata={"help": "split the input into this many parts, one per job (LLaVA's convention)"}
+    )
+    chunk_idx: int = field(
+        default=0, metadata={"help": "the part this job answers (0-based); the last part to finish merges them all"}
+    )
 
     def __post_init__(self) -> None:
         # The original scripts default their optional paths to "": treat it as not given.
