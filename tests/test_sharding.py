@@ -170,15 +170,15 @@ def test_parts_of_different_runs_or_splits_are_never_merged(world, tmp_path, cap
     assert "exists and is complete" in refusal(argv("--num-chunks", "2", "--chunk-idx", "0"), capsys)
 
 
-def test_retrieve_split_over_ranks_writes_the_one_process_output(world, tmp_path, monkeypatch):
+def test_retrieve_under_torchrun_builds_the_index_once_and_writes_the_one_process_output(world, tmp_path):
     source = questions(world, tmp_path)
-    straight, split = tmp_path / "straight.jsonl", tmp_path / "split.jsonl"
-    assert main(retrieve_argv(world, source, straight)) == 0
-    # torchrun's environment, one rank after the other: the second to finish merges.
-    for rank in ("1", "0"):
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        monkeypatch.setenv("RANK", rank)
-        monkeypatch.setenv("LOCAL_RANK", rank)
-        assert main(retrieve_argv(world, source, split)) == 0
+    straight, split = tmp_path / "straight.jsonl", tmp_path / "split" / "split.jsonl"
+    split.parent.mkdir()
+    assert main(retrieve_argv(world, source, straight, "--train_json", str(world.corpus))) == 0
+    # No --index: both ranks need the corpus index; one builds and caches it, the other waits and loads it.
+    argv = [arg for arg in retrieve_argv(world, source, split) if arg not in ("--index", str(world.index))]
+    run = torchrun(["-m", "mmed_rag.cli", *argv, "--train_json", str(world.corpus)], tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert run.stdout.count("Reusing the cached report index") == 1, run.stdout[-3000:]
     assert split.read_bytes() == straight.read_bytes()
     assert leftovers(split) == []
