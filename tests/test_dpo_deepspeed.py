@@ -6,103 +6,34 @@ first DeepSpeed run on a machine compiles a communication extension (~35 s, cach
 """
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from mmed_rag.testing import free_port, save_tiny_llava
-
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-HUMAN = (
-    "<image>\nYou are provided with an X-ray image and 1 reference report(s): 1. The heart is normal. \n"
-    "Question: Is there an effusion?"
-)
-ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "WANDB_MODE": "disabled",
-    "DS_ACCELERATOR": "cpu",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-# The tiny values that replace the original's sizes (the rest of the original command is kept as it is).
-TINY = ["--lora_r", "8", "--lora_alpha", "16", "--num_train_epochs", "1", "--per_device_train_batch_size", "2"]
-TINY += ["--learning_rate", "1e-3", "--warmup_ratio", "0", "--dataloader_num_workers", "1"]
-
-
-def pairs(path, noised_every):
-    records = []
-    for index in range(4):
-        turns = [{"from": "human", "value": HUMAN}, {"from": "gpt", "value": "Yes"}]
-        rejected = [{"from": "human", "value": HUMAN}, {"from": "gpt", "value": "No"}]
-        records.append(
-            {
-                "id": index,
-                "image": f"{index}.png",
-                "conversations": turns,
-                "rejected_conversations": rejected,
-                "rejected_noised": int(index % noised_every == 0),
-            }
-        )
-    path.write_text(json.dumps(records, indent=4))
-    return path
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(original_dpo, tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo-deepspeed")
-    base = save_tiny_llava(root / "base")
-    rng = np.random.default_rng(0)
-    for index in range(4):
-        Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(root / f"{index}.png")
-    stage1, stage2 = pairs(root / "stage1.json", 2), pairs(root / "stage2.json", 5)
-    environment = {**os.environ, **ENV}
-    original = [
-        str(BIN / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
-        "train/dpo/train_dpo_2stages.py",
-        "--model_name_or_path", str(base), "--deepspeed", "configs/deepspeed/zero3.json", "--version", "v1",
-        "--lora_enable", "True", "--lora_r", "128", "--lora_alpha", "256", "--mm_projector_lr", "2e-5",
-        "--data_path", str(stage1), "--image_folder", str(root),
-        "--vision_tower", "openai/clip-vit-large-patch14-336", "--mm_projector_type", "mlp2x_gelu",
-        "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
-        "--image_aspect_ratio", "pad", "--group_by_modality_length", "True", "--bf16", "False",
-        "--output_dir", str(root / "zero3"), "--num_train_epochs", "3", "--per_device_train_batch_size", "1",
-        "--per_device_eval_batch_size", "1", "--gradient_accumulation_steps", "1", "--evaluation_strategy", "no",
-        "--save_strategy", "steps", "--save_steps", "200", "--save_total_limit", "1", "--learning_rate", "1e-7",
-        "--weight_decay", "0.", "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--logging_steps", "1",
-        "--report_to", "none", "--tf32", "True", "--model_max_length", "1024", "--gradient_checkpointing", "True",
-        "--dataloader_num_workers", "4", "--lazy_preprocess", "True",
-        "--stage2_data_path", str(stage2), "--merge", "True", *TINY,
-    ]  # fmt: skip
-    script = {
-        "MODEL": str(base),
-        "DATA_STAGE1": str(stage1),
-        "DATA_STAGE2": str(stage2),
-        "IMAGE_FOLDER": str(root),
-        "OUTPUT_DIR": str(root / "zero2"),
-        "DEEPSPEED_CONFIG": "configs/deepspeed/zero2.json",
-        "INCLUDE": "localhost:0",
-        "MASTER_PORT": str(free_port()),
-        "BF16": "False",
-    }
     started = {
         "zero3": subprocess.Popen(
-            original, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            original_dpo.launch(["--num_gpus", "1"], original_dpo.flags(root / "zero3")),
+            cwd=REPO,
+            env=original_dpo.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         ),
         "zero2": subprocess.Popen(
-            ["bash", "scripts/train_dpo_2stages.sh", *TINY],
+            ["bash", "scripts/train_dpo_2stages.sh", *original_dpo.tiny],
             cwd=REPO,
-            env={**environment, **script},
+            env=original_dpo.script_env(root / "zero2", "configs/deepspeed/zero2.json"),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         ),
@@ -111,7 +42,7 @@ def runs(tmp_path_factory):
     for name, process in started.items():
         output, _ = process.communicate(timeout=540)
         finished[name] = (process.returncode, output.decode(errors="replace"), root / name)
-    finished["base"] = base
+    finished["base"] = original_dpo.base
     return finished
 
 

@@ -183,6 +183,7 @@ def _identity(config: MMedRAGDPOConfig, plan: StagePlan, data_sha256: str) -> di
         "learning_rate": plan.learning_rate,
         "reference": config.stage2_reference if plan.number == 2 else "base",
         **{name: getattr(config, name) for name in IDENTITY_FIELDS},
+        "world_size": config.world_size,  # the processes share each step's pairs: their number changes the batch
     }
 
 
@@ -240,6 +241,7 @@ def train_stage(config: MMedRAGDPOConfig, plan: StagePlan, processor, callbacks:
     checkpoints = Path(args.output_dir)
     resume = last_checkpoint(checkpoints, identity)
 
+    _share_process_group_with_deepspeed(args)
     model = load_base_model(config)
     for message in architecture_warnings(config, model, processor):
         warn_once(message)
@@ -260,13 +262,14 @@ def train_stage(config: MMedRAGDPOConfig, plan: StagePlan, processor, callbacks:
     plugin = trainer.accelerator.state.deepspeed_plugin
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad)
     logger.info(
-        "Stage %d: %s trainable parameters, learning rate %g (projector %s), %s on %s.",
+        "Stage %d: %s trainable parameters, learning rate %g (projector %s), %s on %s, %d process(es).",
         plan.number,
         f"{trainable:,}",
         plan.learning_rate,
         config.mm_projector_lr if config.mm_projector_lr is not None else plan.learning_rate,
         f"DeepSpeed ZeRO-{plugin.zero_stage}" if plugin is not None else "no DeepSpeed",
-        args.device,
+        args.device.type,
+        args.world_size,
     )
     if args.should_save:
         record_identity(checkpoints, identity)
@@ -305,7 +308,8 @@ def train_dpo_2stages(config: MMedRAGDPOConfig, callbacks: list | None = None) -
     """
     inputs = [config.model_name_or_path, config.data_path, config.stage2_data_path, config.image_folder]
     inputs += [config.stage1_adapter, config.lora_checkpoint_path]
-    with claim_outputs("train-dpo", directories=[config.output_dir], inputs=inputs, lock=_is_main_process()):
+    # Every process of a distributed run trains; the one that writes (rank 0) holds the output's lock.
+    with claim_outputs("train-dpo", directories=[config.output_dir], inputs=inputs, lock=config.should_save):
         return _train_dpo_2stages(config, callbacks)
 
 
@@ -327,16 +331,26 @@ def _train_dpo_2stages(config: MMedRAGDPOConfig, callbacks: list | None) -> dict
 
         final_adapter = plans[-1].directory(output_dir)
         result["merged"] = output_dir / "merged"
-        if _is_main_process():
+        if config.should_save:
             _release_zero3()
             merge_lora(config.model_name_or_path, final_adapter, result["merged"])
     return result
 
 
-def _is_main_process() -> bool:
-    from accelerate import PartialState
+def _share_process_group_with_deepspeed(args: MMedRAGDPOConfig) -> None:
+    """Let DeepSpeed use the processes' group before the model loads.
 
-    return PartialState().is_main_process
+    ZeRO-3 partitions the model while ``from_pretrained`` builds it and reads the number of processes from
+    DeepSpeed's own comm layer. On the CPU (``use_cpu``) accelerate starts torch.distributed over gloo but not that
+    layer, so the partitioning would count one process and refuse the batch sizes; hand it the running group.
+    """
+    if not args.deepspeed or args.world_size == 1:
+        return
+    import torch.distributed
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
 
 
 def _release_zero3() -> None:
@@ -513,7 +527,10 @@ def main(argv: list[str] | None = None, verbose: bool = False) -> int:
 
 
 def _train(argv: list[str] | None) -> int:
-    result = train_dpo_2stages(parse_dpo_args(argv))
+    config = parse_dpo_args(argv)
+    if not config.should_log:  # the other processes of a launched run: warnings only (transformers' replica level)
+        logging.getLogger("mmed_rag").setLevel(logging.WARNING)
+    result = train_dpo_2stages(config)
     for name in ("stage1", "stage2", "merged"):
         if name in result:
             logger.info("%s: %s", name, result[name])

@@ -8,6 +8,7 @@ command line override it through :func:`mmed_rag.alignment.dpo.parse_dpo_args`.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import types
 import typing
@@ -170,6 +171,11 @@ class MMedRAGDPOConfig(DPOConfig):
                 "--bf16 True without a GPU: training in bfloat16 on the CPU (torch autocast; slow, for checking "
                 "a setup only). Pass --bf16 False for fp32."
             )
+            self.use_cpu = True
+        if not torch.accelerator.is_available() or (self.deepspeed and os.environ.get("DS_ACCELERATOR") == "cpu"):
+            # A launched process (deepspeed --num_gpus N, torchrun) on a machine without a GPU finds no distributed
+            # backend in accelerate unless it is told to run on the CPU: each would count itself rank 0 of 1, train
+            # on all the pairs and write the outputs. With use_cpu the processes join over gloo.
             self.use_cpu = True
         if self.dataloader_pin_memory is None:
             self.dataloader_pin_memory = cuda
