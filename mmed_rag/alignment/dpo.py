@@ -183,7 +183,9 @@ def _identity(config: MMedRAGDPOConfig, plan: StagePlan, data_sha256: str) -> di
         "learning_rate": plan.learning_rate,
         "reference": config.stage2_reference if plan.number == 2 else "base",
         **{name: getattr(config, name) for name in IDENTITY_FIELDS},
-        "world_size": config.world_size,  # the processes share each step's pairs: their number changes the batch
+        # The processes share each step's pairs: their number changes the batch. Recorded only when several, so
+        # stages finished by one process before this entry existed still count as finished.
+        **({"world_size": config.world_size} if config.world_size > 1 else {}),
     }
 
 
