@@ -66,7 +66,7 @@ class GeneratorConfig:
         metadata={"help": "with --backend openai: the served model's name (default: the server's only one)"},
     )
     concurrency: int = field(
-        default=16, metadata={"help": "with --backend openai: requests in flight at once (at most --batch-size)"}
+        default=8, metadata={"help": "with --backend openai: requests in flight at once (at most --batch-size)"}
     )
     request_timeout: float = field(default=600.0, metadata={"help": "with --backend openai: seconds per request"})
     retries: int = field(
@@ -176,7 +176,7 @@ class PipelineConfig:
         metadata={"help": "with --backend openai: the served model's name (default: the server's only one)"},
     )
     concurrency: int = field(
-        default=16, metadata={"help": "with --backend openai: requests in flight at once (at most --batch-size)"}
+        default=8, metadata={"help": "with --backend openai: requests in flight at once (at most --batch-size)"}
     )
     request_timeout: float = field(default=600.0, metadata={"help": "with --backend openai: seconds per request"})
     retries: int = field(

@@ -200,7 +200,10 @@ class OpenAIGenerator(ServedGenerator):
                 problem = f"{type(error).__name__}: {error or 'no details'}"
                 continue
             if response.status_code < 400:
-                return response.json()
+                try:
+                    return response.json()
+                except ValueError:
+                    raise ServerError(f"{url} answered without JSON: {response.text[:200]!r}") from None
             problem = f"HTTP {response.status_code}: {_server_message(response)}"
             if response.status_code not in RETRIED_STATUS:
                 raise ServerError(f"{url} refused the request ({problem})")

@@ -25,7 +25,8 @@ class ServerStartError(MMedRAGError, RuntimeError):
 
 
 class LocalVLLMServer:
-    """``with LocalVLLMServer(python, model, port, workdir) as server:`` ... ``server.url`` ... (stopped on exit).
+    """``with LocalVLLMServer(python, model, port, workdir) as server:`` ... ``server.url`` ... (stopped on exit;
+    ``with server.start(timeout_s):`` too).
 
     The defaults keep a CPU server small and quick to start: float32 (what ``--backend hf`` computes in on CPU),
     eager mode (no torch.compile), the model in the engine's process (no worker process), 512-token contexts and
@@ -139,7 +140,7 @@ class LocalVLLMServer:
         return "\n".join(self.log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
     def __enter__(self) -> LocalVLLMServer:
-        return self.start()
+        return self if self.process is not None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
