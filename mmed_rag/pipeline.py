@@ -30,7 +30,7 @@ from mmed_rag.device import resolve_device
 from mmed_rag.errors import MMedRAGError
 from mmed_rag.fingerprint import file_sha256, path_fingerprint
 from mmed_rag.generation.configs import PipelineConfig
-from mmed_rag.generation.generator import Generator
+from mmed_rag.generation.generator import Generator, load_generator
 from mmed_rag.generation.prompts import build_prompt, clean_question
 from mmed_rag.jsonl import read_jsonl, write_jsonl
 from mmed_rag.outputs import claim_outputs
@@ -95,7 +95,7 @@ class MMedRAG:
             from mmed_rag.domain.classifier import DomainClassifier
 
             classifier = DomainClassifier.load(config.domain_classifier, device=device)
-        return cls(config, Generator.load(config.generator_config()), router, classifier)
+        return cls(config, load_generator(config.generator_config()), router, classifier)
 
     # -- one example ------------------------------------------------------------------------------------------
 

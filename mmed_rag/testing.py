@@ -43,6 +43,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from mmed_rag.chat_templates import LLAVA_MED_MISTRAL, load_chat_template
 from mmed_rag.generation.configs import TinyModelConfig
+from mmed_rag.generation.served_layout import save_for_serving
 from mmed_rag.retrieval.clip import create_clip
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ TINY_TEXT = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 2048,
 }
+
+#: Text shapes a vLLM CPU server can run: its attention takes head_dim 32, 64, 80, ... (the default is 16).
+SERVABLE_TEXT = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1}
 
 
 @functools.lru_cache(maxsize=4)
@@ -212,12 +216,14 @@ def save_tiny_llava(
     ``extra_corpus`` too (see :func:`tiny_tokenizer`).
 
     The directory loads with ``AutoModelForImageTextToText.from_pretrained`` and ``AutoProcessor.from_pretrained``,
-    so code paths that take a model path (CLI, conversion, DPO) can be tested without the 7B model.
+    so code paths that take a model path (CLI, conversion, DPO) can be tested without the 7B model, and its weights
+    are in the layout vLLM reads (:mod:`mmed_rag.generation.served_layout`); vLLM's CPU attention also needs a text
+    head_dim of 32 or more (e.g. ``text=SERVABLE_TEXT``).
     """
     directory = Path(directory)
     shape = {**TINY_VISION, **(vision or {})}
     processor = tiny_processor(chat_template, shape["image_size"], shape["patch_size"], tuple(extra_corpus))
-    tiny_llava(seed, tiny_llava_config(processor.tokenizer, vision=vision, text=text)).save_pretrained(directory)
+    save_for_serving(tiny_llava(seed, tiny_llava_config(processor.tokenizer, vision=vision, text=text)), directory)
     processor.save_pretrained(directory)
     logger.info("Saved tiny LLaVA (seed %d) to %s", seed, directory)
     return directory

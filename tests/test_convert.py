@@ -33,6 +33,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from mmed_rag.config import add_config_arguments, config_from_args
 from mmed_rag.generation import convert
 from mmed_rag.generation.convert import ConversionError, ConvertConfig, convert_llava_med
+from mmed_rag.generation.served_layout import served_layout_problem
 from mmed_rag.testing import TINY_TEXT, TINY_VISION, tiny_tokenizer
 
 TOWER_NAME = "tiny/clip-vit-b8-32"  # the mm_vision_tower our tiny checkpoints name
@@ -322,6 +323,11 @@ def test_converted_model_loads_with_auto_classes_and_generates(converted):
     output = model.generate(**inputs, min_new_tokens=4, max_new_tokens=4, do_sample=False)
     assert output.shape == (1, inputs.input_ids.shape[1] + 4)
     assert isinstance(processor.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True), str)
+
+
+def test_converted_weights_are_in_the_layout_vllm_serves(converted):
+    """vLLM reads LLaVA's tower only as vision_tower.vision_model.*; tests/test_vllm_backend.py serves a conversion."""
+    assert served_layout_problem(converted) is None
 
 
 @pytest.mark.parametrize(("size", "mode"), [((60, 24), "RGB"), ((23, 50), "RGB"), ((45, 31), "L"), ((32, 32), "RGB")])

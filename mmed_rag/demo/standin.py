@@ -95,6 +95,8 @@ def pretrain_vision(
     from sklearn.metrics import roc_auc_score
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    from mmed_rag.generation.served_layout import save_for_serving
+
     torch.manual_seed(seed)
     processor = AutoProcessor.from_pretrained(base)
     model = LlavaForConditionalGeneration.from_pretrained(base)
@@ -135,7 +137,7 @@ def pretrain_vision(
     out = Path(out)
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    save_for_serving(model, staging)
     processor.save_pretrained(staging)
     atomic_write_text(staging / PRETRAINING_FILE, json.dumps(summary, indent=1))
     publish_directory(staging, out)

@@ -18,6 +18,19 @@ from mmed_rag.retrieval.select import RULES, KSelection
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 
 
+def check_backend(config: GeneratorConfig | PipelineConfig) -> None:
+    """The server options fit the backend: an adapter runs only in transformers, a server needs its URL."""
+    if config.backend == "openai" and not config.api_base:
+        raise ConfigError("backend 'openai' needs --api-base, the server's URL (e.g. http://127.0.0.1:8000/v1)")
+    if config.backend != "hf" and config.adapter is not None:
+        raise ConfigError(
+            f"--adapter works with --backend hf only; for --backend {config.backend}, merge the adapter into its base "
+            f"(mmed-rag merge-lora) and use the merged model"
+        )
+    if config.concurrency < 1 or config.retries < 0 or not config.request_timeout > 0 or config.top_logprobs < 1:
+        raise ConfigError("concurrency and top_logprobs must be at least 1, retries at least 0, request_timeout > 0")
+
+
 @dataclass
 class GeneratorConfig:
     """How to load and run the generator; the defaults are greedy decoding, as MMed-RAG evaluates."""
@@ -38,10 +51,40 @@ class GeneratorConfig:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "run code shipped with the model directory (only for models you trust)"}
     )
+    backend: Literal["hf", "openai", "vllm"] = field(
+        default="hf",
+        metadata={
+            "help": "hf: transformers in this process; openai: an OpenAI-compatible server at --api-base (vllm serve, "
+            "SGLang, LMDeploy, TGI); vllm: a vLLM engine in this process (needs the vllm package)"
+        },
+    )
+    api_base: str | None = field(
+        default=None, metadata={"help": "with --backend openai: the server's base URL, e.g. http://127.0.0.1:8000/v1"}
+    )
+    api_model: str | None = field(
+        default=None,
+        metadata={"help": "with --backend openai: the served model's name (default: the server's only one)"},
+    )
+    concurrency: int = field(
+        default=8, metadata={"help": "with --backend openai: requests in flight at once (at most --batch-size)"}
+    )
+    request_timeout: float = field(default=600.0, metadata={"help": "with --backend openai: seconds per request"})
+    retries: int = field(
+        default=5,
+        metadata={"help": "with --backend openai: retries of a request on connection errors, timeouts and 5xx"},
+    )
+    top_logprobs: int = field(
+        default=20,
+        metadata={
+            "help": "with --backend openai/vllm: first-token log-probs read for yes/no scores (vLLM caps them at its "
+            "--max-logprobs, 20 by default)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError("max_new_tokens and batch_size must be at least 1")
+        check_backend(self)
 
 
 @dataclass
@@ -118,6 +161,35 @@ class PipelineConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "model dtype"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
     trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the model directory"})
+    backend: Literal["hf", "openai", "vllm"] = field(
+        default="hf",
+        metadata={
+            "help": "hf: transformers in this process; openai: an OpenAI-compatible server at --api-base (vllm serve, "
+            "SGLang, LMDeploy, TGI); vllm: a vLLM engine in this process (needs the vllm package)"
+        },
+    )
+    api_base: str | None = field(
+        default=None, metadata={"help": "with --backend openai: the server's base URL, e.g. http://127.0.0.1:8000/v1"}
+    )
+    api_model: str | None = field(
+        default=None,
+        metadata={"help": "with --backend openai: the served model's name (default: the server's only one)"},
+    )
+    concurrency: int = field(
+        default=8, metadata={"help": "with --backend openai: requests in flight at once (at most --batch-size)"}
+    )
+    request_timeout: float = field(default=600.0, metadata={"help": "with --backend openai: seconds per request"})
+    retries: int = field(
+        default=5,
+        metadata={"help": "with --backend openai: retries of a request on connection errors, timeouts and 5xx"},
+    )
+    top_logprobs: int = field(
+        default=20,
+        metadata={
+            "help": "with --backend openai/vllm: first-token log-probs read for yes/no scores (vLLM caps them at its "
+            "--max-logprobs, 20 by default)"
+        },
+    )
     on_error: Literal["raise", "skip"] = field(
         default="raise", metadata={"help": "a record that cannot be answered: stop, or report and leave it out"}
     )
@@ -142,6 +214,7 @@ class PipelineConfig:
             raise ConfigError("unknown_policy 'default' needs --default-modality")
         if not self.no_retrieval and self.registry is None:
             raise ConfigError("give --registry (retriever + index per modality), or --no-retrieval")
+        check_backend(self)
         self.selection()
 
     def selection(self) -> KSelection:
@@ -161,6 +234,7 @@ class PipelineConfig:
         names += ("default_modality",)
         names += ("task", "fixed_k", "clip_threshold", "select_rule", "select_threshold", "yes_no_scores")
         names += ("yes_no_answers", "max_new_tokens", "dtype", "prompt_style", "do_sample")
+        names += ("backend",)  # engines differ in their numerics: one output is written by one engine
         if self.do_sample:
             names += ("temperature", "top_p", "seed", "batch_size")  # a batch's samples depend on its seed
         return {name: getattr(self, name) for name in names} | {"img_root": os.path.abspath(self.img_root)}
@@ -178,6 +252,13 @@ class PipelineConfig:
             dtype=self.dtype,
             device=self.device,
             trust_remote_code=self.trust_remote_code,
+            backend=self.backend,
+            api_base=self.api_base,
+            api_model=self.api_model,
+            concurrency=self.concurrency,
+            request_timeout=self.request_timeout,
+            retries=self.retries,
+            top_logprobs=self.top_logprobs,
         )
 
 

@@ -40,7 +40,8 @@ processor of the original); the default torchvision backend resizes differently 
 
 Output directory (published by renaming a finished temporary directory beside it)::
 
-    config.json, generation_config.json, model*.safetensors   LlavaForConditionalGeneration.save_pretrained
+    config.json, generation_config.json, model*.safetensors   LlavaForConditionalGeneration.save_pretrained, in the
+                                                              llava-hf layout vLLM serves (served_layout)
     tokenizer.json, tokenizer_config.json, processor_config.json, chat_template.jinja   LlavaProcessor.save_pretrained
     conversion_report.json   what was converted, key counts, vocabulary sizes, the ConvertConfig
 """
@@ -79,6 +80,7 @@ from mmed_rag.chat_templates import load_chat_template
 from mmed_rag.config import config_to_dict
 from mmed_rag.errors import MMedRAGError
 from mmed_rag.generation.configs import DTYPE_NAMES, ConvertConfig
+from mmed_rag.generation.served_layout import save_for_serving
 from mmed_rag.outputs import claim_outputs
 
 logger = logging.getLogger(__name__)
@@ -669,7 +671,7 @@ def _publish(dst: Path, overwrite: bool, model, processor, report: dict) -> None
     tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
     try:
-        model.save_pretrained(tmp)
+        save_for_serving(model, tmp)
         processor.save_pretrained(tmp)
         atomic_write_text(tmp / REPORT_FILE, json.dumps(report, indent=2) + "\n")
         if dst.exists():

@@ -55,6 +55,65 @@ def to_message_content(prompt: str) -> list[dict]:
     return parts
 
 
+def load_processor(directory: Path, trust_remote_code: bool = False):
+    """The processor (tokenizer + image processor + chat template) of a local model directory."""
+    from transformers import AutoProcessor
+
+    problem = model_directory_problem(directory)
+    if problem:
+        raise GeneratorError(problem + " (a local path)")
+    try:
+        processor = AutoProcessor.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as error:
+        raise GeneratorError(f"{directory} has no usable processor (tokenizer + image processor): {error}") from None
+    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+        raise GeneratorError(
+            f"{directory}: AutoProcessor gave a {type(processor).__name__}, not a processor with a tokenizer and "
+            f"an image processor; save the model's processor into the directory (processor.save_pretrained)"
+        )
+    return processor
+
+
+def render_prompt(processor, prompt: str) -> str:
+    """The model's input text for one human turn: the processor's chat template with the generation prompt."""
+    message = [{"role": "user", "content": to_message_content(prompt)}]
+    return processor.apply_chat_template(message, add_generation_prompt=True)
+
+
+def check_images(position: int, prompt: str, images: Sequence[Image.Image]) -> None:
+    """Each ``<image>`` marker of a prompt needs its image."""
+    markers = prompt.count(IMAGE_TOKEN)
+    if markers != len(images):
+        raise GeneratorError(
+            f"prompt {position} has {markers} {IMAGE_TOKEN} marker(s) but {len(images)} image(s) were "
+            f"given; put one marker where each image belongs"
+        )
+
+
+def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """The first token ids of the answer words' spellings; the two sets must be known and disjoint."""
+
+    def first_ids(word: str) -> list[int]:
+        spellings = (word, word.lower(), f" {word}", f" {word.lower()}")
+        ids = {tokenizer.encode(text, add_special_tokens=False)[0] for text in spellings}
+        return sorted(ids - {tokenizer.unk_token_id})
+
+    yes_ids, no_ids = first_ids("Yes"), first_ids("No")
+    if not yes_ids or not no_ids or set(yes_ids) & set(no_ids):
+        raise GeneratorError(
+            f"the tokenizer cannot tell 'yes' from 'no' by the first token (yes: {yes_ids}, no: {no_ids}); "
+            f"yes/no scores need distinct first tokens"
+        )
+    return yes_ids, no_ids
+
+
+def trim_answer(text: str, stop_strings: Sequence[str]) -> str:
+    """An answer cut at its first stop string, without surrounding whitespace."""
+    for stop in stop_strings:
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
 class Generator:
     """A loaded model + processor that turns (prompt, images) pairs into text, in batches."""
 
@@ -69,24 +128,11 @@ class Generator:
 
     @classmethod
     def load(cls, config: GeneratorConfig) -> Generator:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         directory = Path(config.model)
-        problem = model_directory_problem(directory)
-        if problem:
-            raise GeneratorError(problem + " (a local path)")
+        processor = load_processor(directory, config.trust_remote_code)
         device = resolve_device(config.device)
-        try:
-            processor = AutoProcessor.from_pretrained(directory, trust_remote_code=config.trust_remote_code)
-        except (OSError, ValueError, TypeError) as error:
-            raise GeneratorError(
-                f"{directory} has no usable processor (tokenizer + image processor): {error}"
-            ) from None
-        if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
-            raise GeneratorError(
-                f"{directory}: AutoProcessor gave a {type(processor).__name__}, not a processor with a tokenizer and "
-                f"an image processor; save the model's processor into the directory (processor.save_pretrained)"
-            )
         model = AutoModelForImageTextToText.from_pretrained(
             directory, dtype=_dtype(config.dtype, device), trust_remote_code=config.trust_remote_code
         ).to(device)
@@ -103,18 +149,12 @@ class Generator:
 
     def render(self, prompt: str) -> str:
         """The model's input text for one human turn: the chat template with the generation prompt."""
-        message = [{"role": "user", "content": to_message_content(prompt)}]
-        return self.processor.apply_chat_template(message, add_generation_prompt=True)
+        return render_prompt(self.processor, prompt)
 
     def _inputs(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]):
         texts, flat_images = [], []
         for position, (prompt, prompt_images) in enumerate(zip(prompts, images, strict=True)):
-            markers = prompt.count(IMAGE_TOKEN)
-            if markers != len(prompt_images):
-                raise GeneratorError(
-                    f"prompt {position} has {markers} {IMAGE_TOKEN} marker(s) but {len(prompt_images)} image(s) were "
-                    f"given; put one marker where each image belongs"
-                )
+            check_images(position, prompt, prompt_images)
             texts.append(self.render(prompt))
             # Padding to square, where the model was trained that way (LLaVA-Med), is the image processor's job:
             # convert-llava-med writes a LlavaImageProcessor with do_pad.
@@ -152,7 +192,7 @@ class Generator:
         so the score sums the probabilities of every spelling the tokenizer starts "Yes"/"yes" (or "No"/"no")
         with, with or without a leading space, and renormalises over the two answers.
         """
-        yes_ids, no_ids = self._answer_token_ids()
+        yes_ids, no_ids = answer_token_ids(self.tokenizer)
         scores: list[float] = []
         for start in range(0, len(prompts), self.config.batch_size):
             batch = slice(start, start + self.config.batch_size)
@@ -165,22 +205,6 @@ class Generator:
             scores += (yes / (yes + no).clamp_min(torch.finfo(torch.float32).tiny)).tolist()
         return scores
 
-    def _answer_token_ids(self) -> tuple[list[int], list[int]]:
-        """The first token ids of the answer words' spellings; the two sets must be known and disjoint."""
-
-        def first_ids(word: str) -> list[int]:
-            spellings = (word, word.lower(), f" {word}", f" {word.lower()}")
-            ids = {self.tokenizer.encode(text, add_special_tokens=False)[0] for text in spellings}
-            return sorted(ids - {self.tokenizer.unk_token_id})
-
-        yes_ids, no_ids = first_ids("Yes"), first_ids("No")
-        if not yes_ids or not no_ids or set(yes_ids) & set(no_ids):
-            raise GeneratorError(
-                f"the tokenizer cannot tell 'yes' from 'no' by the first token (yes: {yes_ids}, no: {no_ids}); "
-                f"yes/no scores need distinct first tokens"
-            )
-        return yes_ids, no_ids
-
     def _stopping(self, prompt_length: int):
         from transformers import StoppingCriteriaList
 
@@ -189,9 +213,24 @@ class Generator:
         return StoppingCriteriaList([_StopOnStrings(self.tokenizer, self.config.stop_strings, prompt_length)])
 
     def _trim(self, text: str) -> str:
-        for stop in self.config.stop_strings:
-            text = text.split(stop, 1)[0]
-        return text.strip()
+        return trim_answer(text, self.config.stop_strings)
+
+
+def load_generator(config: GeneratorConfig):
+    """The generator of ``config.backend``: transformers here, an OpenAI-compatible server, or vLLM here.
+
+    All three answer ``generate(prompts, images)`` and ``yes_no_probability(prompts, images)`` alike and carry the
+    config as ``.config``, so the pipeline (batches, resumable output) does not depend on the backend.
+    """
+    if config.backend == "openai":
+        from mmed_rag.generation.openai_backend import OpenAIGenerator
+
+        return OpenAIGenerator.load(config)
+    if config.backend == "vllm":
+        from mmed_rag.generation.vllm_engine import VLLMGenerator
+
+        return VLLMGenerator.load(config)
+    return Generator.load(config)
 
 
 def greedy_generator(model: str, max_new_tokens: int, batch_size: int, device: str) -> Generator:
