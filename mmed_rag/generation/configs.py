@@ -234,7 +234,8 @@ class PipelineConfig:
         names += ("default_modality",)
         names += ("task", "fixed_k", "clip_threshold", "select_rule", "select_threshold", "yes_no_scores")
         names += ("yes_no_answers", "max_new_tokens", "dtype", "prompt_style", "do_sample")
-        names += ("backend",)  # engines differ in their numerics: one output is written by one engine
+        if self.backend != "hf":  # engines differ in their numerics: one output is written by one engine
+            names += ("backend",)  # (absent for hf, so runs interrupted before backends existed still resume)
         if self.do_sample:
             names += ("temperature", "top_p", "seed", "batch_size")  # a batch's samples depend on its seed
         return {name: getattr(self, name) for name in names} | {"img_root": os.path.abspath(self.img_root)}
