@@ -36,7 +36,7 @@ from mmed_rag.testing import free_port
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 PROBE = Path(__file__).parent / "torchrun_probe"  # see its sitecustomize.py
-RUN_TIMEOUT_S = 300  # one torchrun launch: 20-30 s on 2 busy cores, most of it importing torch and open_clip
+RUN_TIMEOUT_S = 300  # one torchrun launch: 10 s on 2 quiet cores, 25 s on busy ones, mostly imports
 # The 2-process runs: SMALL_RUN's 8 pairs a step as 4 per process, on the CPU (gloo); 3 epochs of 4 steps.
 TWO_PROCESSES = SMALL_RUN | {"batch_size": 4, "device": "cpu", "epochs": 3}
 # 2 processes against 1, after 12 steps (measured on 2 CPU cores): every weight but the attention key biases
