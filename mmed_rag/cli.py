@@ -173,7 +173,8 @@ def _run_finetune(config) -> int:
     from mmed_rag.retrieval.finetune import finetune_clip
 
     retriever = finetune_clip(config)
-    print(f"fine-tuned {config.dataset_type} retriever: {retriever}")
+    if _main_process():  # under torchrun, once
+        print(f"fine-tuned {config.dataset_type} retriever: {retriever}")
     return 0
 
 
@@ -559,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("mmed_rag").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # Under torchrun every process runs this; rank 0 reports progress, the others only warnings and errors.
+    progress = logging.INFO if _main_process() else logging.WARNING
+    logging.getLogger("mmed_rag").setLevel(logging.DEBUG if args.verbose else progress)
     show_each_warning_once()
     if not sys.stderr.isatty():  # Hugging Face's own bars (loading weights, shards) in a log file: off
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -567,6 +570,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.passthrough(split[1], verbose=args.verbose)
     stage: Stage = args.stage_spec
     return run_reporting_errors(stage.name, lambda: stage.run(config_from_args(stage.config(), args)), args.verbose)
+
+
+def _main_process() -> bool:
+    """False in the other processes of a torchrun or deepspeed launch (``RANK`` > 0)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def show_each_warning_once() -> None:

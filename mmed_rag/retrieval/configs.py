@@ -45,7 +45,13 @@ class FinetuneConfig:
         },
     )
     checkpoint: str | None = field(default=None, metadata={"help": "weights to start from instead of the model's own"})
-    batch_size: int = field(default=512, metadata={"help": "pairs per step (the original used 512)"})
+    batch_size: int = field(
+        default=512,
+        metadata={
+            "help": "pairs per step on each process, as open_clip's --batch-size: a step trains on batch_size x "
+            "processes pairs (the original ran 512 on 2 GPUs: 1,024 pairs a step; on 1 GPU give 1024 for the same)"
+        },
+    )
     precision: Literal["amp", "bf16", "fp32"] = field(
         default="amp",
         metadata={
@@ -72,10 +78,46 @@ class FinetuneConfig:
         default=None, metadata={"help": "run directory under logs (default: dataset_type); rerun to resume it"}
     )
     seed: int = field(default=0, metadata={"help": "seeds the model's random init, the val split and the data order"})
-    device: str = field(default="auto", metadata={"help": "'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ..."})
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...; under torchrun cpu or cuda only "
+            "(each process takes the GPU of its LOCAL_RANK)"
+        },
+    )
+    # Under torchrun (open_clip's trainer has the same options; see mmed_rag.retrieval.distributed):
+    gather_with_grad: bool = field(
+        default=True,
+        metadata={
+            "help": "under torchrun, let the loss's gradient flow through the features gathered from the other "
+            "processes: N processes then compute exactly one process's gradients (open_clip's default is off, "
+            "which scales the encoders' gradients by 1/N)"
+        },
+    )
+    local_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "under torchrun, each process computes the loss of its own pairs against all (N times fewer "
+            "logits; the same gradients with gather_with_grad)"
+        },
+    )
+    sync_bn: bool = field(
+        default=True,
+        metadata={
+            "help": "under torchrun, batch norm statistics over the whole step's batch (SyncBatchNorm, CUDA only), "
+            "as one process computes them; off: each process's own pairs (open_clip's default)"
+        },
+    )
+    dist_timeout: int = field(
+        default=1800,
+        metadata={
+            "help": "under torchrun, seconds a process waits for the others (rank 0 validates and saves alone) "
+            "before failing"
+        },
+    )
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "epochs", "val_frequency"):
+        for name in ("batch_size", "epochs", "val_frequency", "dist_timeout"):
             minimum = 2 if name == "batch_size" else 1  # a contrastive batch needs a negative
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{name}: expected at least {minimum}, got {getattr(self, name)}")

@@ -8,6 +8,8 @@ scale, the logit scale clamped to ln(100). What it adds:
 - every epoch ends in a complete checkpoint (``last/``) and rerunning the same command continues from it, with
   the same data order as an uninterrupted run (the randomness of epoch ``e`` is seeded by ``(seed, e)``), so a
   killed job loses at most one epoch and ends with the same weights;
+- under torchrun, N processes (DDP, the loss over every process's features) train what one process with the
+  whole batch trains, and only rank 0 validates and writes (:mod:`mmed_rag.retrieval.distributed`);
 - validation reports recall@1/5/10 in both directions on held-out pairs (a report counts as retrieved when its
   text is the ground truth's, see :func:`retrieval_recall`), beside the recall of a random ranking;
 - ``best/`` keeps the epoch with the best ``select_metric`` (default image -> report R@5: the direction MMed-RAG
@@ -26,6 +28,7 @@ Layout of a run, ``<logs>/<name>/``::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -44,13 +47,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from open_clip.loss import ClipLoss
 from open_clip_train.scheduler import cosine_lr
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from mmed_rag.atomic import atomic_path, atomic_write_text, publish_directory
 from mmed_rag.config import config_to_dict, save_config
 from mmed_rag.data.images import ImageLoadError, ImagePathError, load_image, resolve_image_path
 from mmed_rag.data.records import ImageReportRecord, read_retriever_train
-from mmed_rag.device import resolve_device
 from mmed_rag.divergence import DivergedError, check_gradients, check_loss, check_parameters
 from mmed_rag.errors import MMedRAGError, first_few
 from mmed_rag.fingerprint import file_sha256
@@ -59,6 +62,7 @@ from mmed_rag.outputs import claim_outputs
 from mmed_rag.progress import progress_bar
 from mmed_rag.retrieval.clip import WEIGHTS_FILE, create_clip, load_clip_weights, save_clip
 from mmed_rag.retrieval.configs import FinetuneConfig
+from mmed_rag.retrieval.distributed import RankBatches, World, contrastive_loss, joined_world
 from mmed_rag.retrieval.encode import encode_images, encode_texts
 from mmed_rag.retrieval.ranking import NonFiniteScoresError, any_in_top_k, check_finite, recall_at_k
 
@@ -73,18 +77,20 @@ METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 # A change to any of these changes what the run computes, so resuming across it would mix two different runs. The
 # data files are compared by content (sha256), not by path, so moved data still resumes. Raising `epochs` is
-# allowed: it stretches the cosine schedule from the current step on.
+# allowed: it stretches the cosine schedule from the current step on. The batch of a step (batch_size x processes)
+# must match too, but not how it is split: a run may resume on another number of processes.
 RESUME_MUST_MATCH = (
     "model",
     "checkpoint",
     "dataset_type",
-    "batch_size",
     "precision",
     "lr",
     "wd",
     "warmup",
     "seed",
     "select_metric",
+    "gather_with_grad",
+    "sync_bn",
 )
 LOGIT_SCALE_MAX = math.log(100)  # open_clip's clamp, as in the CLIP paper
 
@@ -128,17 +134,36 @@ def split_records(records: Sequence, fraction: float, seed: int) -> tuple[list, 
 
 
 class PairDataset(Dataset):
-    """(pixels, tokens) of each pair: the image loaded safely and transformed, the report tokenized (77 tokens)."""
+    """(pixels, tokens) of each pair: the image loaded safely and transformed, the report tokenized (77 tokens).
 
-    def __init__(self, img_root: str | os.PathLike, pairs: Sequence[Pair], preprocess: Callable, tokenizer: Callable):
+    The random augmentation of pair ``i`` is seeded by ``(seed, i)``: the same pixels whichever process, loader
+    worker or batch position loads it, so N processes (or another number of workers) train on what one does.
+    """
+
+    def __init__(
+        self,
+        img_root: str | os.PathLike,
+        pairs: Sequence[Pair],
+        preprocess: Callable,
+        tokenizer: Callable,
+        seed: int = 0,
+    ):
         self.img_root, self.pairs, self.preprocess, self.tokenizer = img_root, list(pairs), preprocess, tokenizer
+        self.seed = seed
+
+    def reseeded(self, seed: int) -> PairDataset:
+        return PairDataset(self.img_root, self.pairs, self.preprocess, self.tokenizer, seed)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         pair = self.pairs[index]
-        return self.preprocess(load_image(self.img_root, pair.image)), self.tokenizer([pair.report])[0]
+        image = load_image(self.img_root, pair.image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0]))
+            pixels = self.preprocess(image)
+        return pixels, self.tokenizer([pair.report])[0]
 
 
 def check_images(img_root: str | os.PathLike, pairs: Sequence[Pair], data_file: str | os.PathLike) -> None:
@@ -290,21 +315,21 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def epoch_loader(dataset: Dataset, batch_size: int, config: FinetuneConfig, epoch: int, pin_memory: bool):
-    """The shuffled, full batches of epoch ``epoch``.
+def epoch_loader(dataset: PairDataset, per_rank: int, config: FinetuneConfig, epoch: int, world: World) -> DataLoader:
+    """This process's share of the shuffled, full batches of epoch ``epoch`` (:class:`RankBatches`).
 
-    The order (the loader's generator) and the augmentation (the global torch RNG in the main process; worker
-    seeds are drawn from the generator) depend on ``(seed, epoch)`` only, so a resumed run sees the same batches.
+    The order and the augmentation (:class:`PairDataset`) depend on ``(seed, epoch)`` only, so a resumed run sees
+    the same batches, and N processes together see the batches of one.
     """
-    torch.manual_seed(epoch_seed(config.seed, epoch))
+    seed = epoch_seed(config.seed, epoch)
+    torch.manual_seed(seed)  # anything else random in a step (dropout, where a model has it)
+    batches = RankBatches(len(dataset), per_rank, world.rank, world.size, torch.Generator().manual_seed(seed))
     return DataLoader(
-        dataset,
-        batch_size,
-        shuffle=True,
-        drop_last=True,  # as open_clip: every contrastive batch has the same number of negatives
-        generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch)),
+        dataset.reseeded(seed),
+        batch_sampler=batches,
+        generator=torch.Generator().manual_seed(seed),  # worker seeds; the global RNG is left alone
         num_workers=config.workers,
-        pin_memory=pin_memory,
+        pin_memory=world.device.type == "cuda",
     )
 
 
@@ -348,11 +373,18 @@ def _data_identity(data: dict) -> dict:
     return {"train_data": data["train"]["sha256"], "val_data": val.get("sha256", val.get("held_out_from_train"))}
 
 
-def _check_resumable(config: FinetuneConfig, state: dict, data: dict, checkpoint_dir: Path) -> None:
-    saved, wanted = state["config"], config_to_dict(config)
+def _check_resumable(config: FinetuneConfig, state: dict, data: dict, processes: int, checkpoint_dir: Path) -> None:
+    wanted = config_to_dict(config)
+    saved = config_to_dict(FinetuneConfig()) | state["config"]  # fields added since the checkpoint: their defaults
     changed = [
         f"{name}: {saved[name]!r} -> {wanted[name]!r}" for name in RESUME_MUST_MATCH if saved[name] != wanted[name]
     ]
+    saved_processes = state.get("processes", 1)
+    if saved["batch_size"] * saved_processes != config.batch_size * processes:
+        changed.append(
+            f"pairs per step (batch_size x processes): {saved['batch_size']} x {saved_processes} -> "
+            f"{config.batch_size} x {processes}"
+        )
     saved_data, wanted_data = _data_identity(state["data"]), _data_identity(data)
     changed += [
         f"{name} (by content, sha256 or held-out fraction): {saved_data[name]!r} -> {wanted_data[name]!r}"
@@ -427,13 +459,14 @@ def plot_curves(lines: list[dict], path: Path, title: str) -> None:
 class _Trackers:
     """TensorBoard and/or wandb, as ``report_to`` asks; nothing at all when it is empty."""
 
-    def __init__(self, config: FinetuneConfig, run_dir: Path):
+    def __init__(self, config: FinetuneConfig, run_dir: Path, enabled: bool = True):
         self.writer = self.wandb_run = None
-        if "tensorboard" in config.report_targets:
+        targets = config.report_targets if enabled else []
+        if "tensorboard" in targets:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        if "wandb" in config.report_targets:
+        if "wandb" in targets:
             import wandb
 
             self.wandb_run = wandb.init(
@@ -481,14 +514,15 @@ def load_pairs(config: FinetuneConfig) -> tuple[list[Pair], list[Pair], dict]:
     return train_pairs, val_pairs, data
 
 
-def _resume(config: FinetuneConfig, data: dict, model, optimizer, scaler, device) -> tuple[int, dict | None]:
+def _resume(config: FinetuneConfig, data: dict, processes: int, model, optimizer, scaler) -> tuple[int, dict | None]:
     """Load the latest complete checkpoint of the run, if any; return (epochs done, best so far)."""
     found = latest_checkpoint(config.run_dir)
     if found is None:
         return 0, None
     checkpoint_dir, state = found
-    _check_resumable(config, state, data, checkpoint_dir)
+    _check_resumable(config, state, data, processes, checkpoint_dir)
     load_clip_weights(model, checkpoint_dir / WEIGHTS_FILE)
+    device = next(model.parameters()).device
     tensors = torch.load(checkpoint_dir / STATE_FILE, map_location=device, weights_only=True)
     optimizer.load_state_dict(tensors["optimizer"])
     scaler.load_state_dict(tensors["scaler"])
@@ -519,19 +553,64 @@ def _save_epoch(config, model, manifest: dict, state: dict, optimizer, scaler, i
     publish_directory(staging, run_dir / "last")
 
 
+def _per_process_batch(config: FinetuneConfig, n_pairs: int, processes: int) -> int:
+    """``batch_size``, lowered when the data holds fewer than ``batch_size x processes`` pairs."""
+    per_process = min(config.batch_size, n_pairs // processes)
+    if per_process * processes < 2:
+        raise FinetuneError(
+            f"{config.train_data}: a contrastive batch needs at least 2 pairs, found {n_pairs} for {processes} "
+            "process(es)."
+        )
+    if per_process < config.batch_size:
+        logger.warning(
+            "Only %d training pairs: batch size lowered from %d to %d per process.",
+            n_pairs,
+            config.batch_size,
+            per_process,
+        )
+    return per_process
+
+
+def _synchronised_batch_norm(model: torch.nn.Module, config: FinetuneConfig, world: World) -> torch.nn.Module:
+    """The model with batch norm statistics over the whole step's batch, as one process computes them.
+
+    A ResNet tower (the original's RN50) normalises with the statistics of its batch; on N processes each would
+    see only its own pairs. SyncBatchNorm runs on CUDA only; ``sync_bn=False`` keeps per-process statistics
+    (open_clip's default).
+    """
+    has_batch_norm = any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in model.modules())
+    if world.size == 1 or not has_batch_norm or not config.sync_bn:
+        return model
+    if world.device.type != "cuda":
+        raise FinetuneError(
+            f"{config.model} has batch norm layers, whose statistics N processes share through SyncBatchNorm, which "
+            "runs on CUDA only; pass --no-sync-bn to let each process normalise its own pairs."
+        )
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def finetune_clip(config: FinetuneConfig) -> Path:
     """Fine-tune ``config.model`` on ``config.train_data``; return the best retriever's directory (``best/``).
 
     Rerunning with the same ``logs``/``name`` continues from the last complete epoch; a run that is already
     complete returns at once. The returned directory loads with :func:`~mmed_rag.retrieval.clip.load_clip`.
     Training reseeds torch's global RNG (``seed``, then ``(seed, epoch)`` every epoch).
+
+    Under torchrun every process calls this and they train as one (:mod:`mmed_rag.retrieval.distributed`): each
+    takes ``batch_size`` pairs of every step, DDP averages the gradients, and rank 0 alone validates and writes
+    the run directory while the others wait. N processes with ``batch_size`` b train what one process with
+    ``batch_size`` N x b trains (equal up to float rounding), and resume from each other's checkpoints.
     """
     inputs = [config.train_data, config.val_data, config.img_root, config.model, config.checkpoint]
-    with claim_outputs("finetune-clip", directories=[config.run_dir], inputs=inputs):
-        return _finetune_clip(config)
+    with joined_world(config.device, config.dist_timeout) as world, contextlib.ExitStack() as claimed:
+        with world.all_or_none("claiming the run directory"):  # rank 0 locks it; the others check it
+            claimed.enter_context(
+                claim_outputs("finetune-clip", directories=[config.run_dir], inputs=inputs, lock=world.is_main)
+            )
+        return _finetune_clip(config, world)
 
 
-def _finetune_clip(config: FinetuneConfig) -> Path:
+def _finetune_clip(config: FinetuneConfig, world: World) -> Path:
     for name in ("train_data", "img_root", "dataset_type"):
         if not getattr(config, name):
             raise FinetuneError(f"{name} is required (see `mmed-rag finetune-clip --help`).")
@@ -539,54 +618,65 @@ def _finetune_clip(config: FinetuneConfig) -> Path:
         raise FinetuneError(
             f"run name {config.run_dir.name!r}: expected a plain directory name (letters, digits, _.-)."
         )
-    device, precision = resolve_device(config.device), config.precision
+    device, precision = world.device, config.precision
     if precision == "amp" and device.type != "cuda":
         logger.info("precision=amp needs CUDA; training in fp32 on %s.", device)
         precision = "fp32"
-    train_pairs, val_pairs, data = load_pairs(config)
-    batch_size = min(config.batch_size, len(train_pairs))
-    if batch_size < 2:
-        raise FinetuneError(f"{config.train_data}: a contrastive batch needs at least 2 pairs, found {batch_size}.")
-    if batch_size < config.batch_size:
-        logger.warning("Only %d training pairs: batch size lowered from %d.", batch_size, config.batch_size)
-
-    torch.manual_seed(config.seed)  # the random init of a model created without weights
-    model, preprocess_train, preprocess_val, tokenizer = create_clip(config.model, config.checkpoint, device=device)
-    optimizer = torch.optim.AdamW(param_groups(model, config.wd), lr=config.lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "amp")
-    steps_per_epoch = len(train_pairs) // batch_size  # drop_last, as open_clip: every contrastive batch is full
-    schedule = cosine_lr(optimizer, config.lr, config.warmup, steps_per_epoch * config.epochs)
-    loss_fn = ClipLoss()
-    start_epoch, best = _resume(config, data, model, optimizer, scaler, device)
+    with world.all_or_none("preparing the run"):
+        train_pairs, val_pairs, data = load_pairs(config)
+        per_process = _per_process_batch(config, len(train_pairs), world.size)
+        torch.manual_seed(config.seed)  # the random init of a model created without weights
+        model, preprocess_train, preprocess_val, tokenizer = create_clip(config.model, config.checkpoint, device=device)
+        model = _synchronised_batch_norm(model, config, world)
+        optimizer = torch.optim.AdamW(param_groups(model, config.wd), lr=config.lr)
+        scaler = torch.amp.GradScaler("cuda", enabled=precision == "amp")
+        start_epoch, best = _resume(config, data, world.size, model, optimizer, scaler)
+    if len(set(world.gather(start_epoch))) > 1:
+        raise FinetuneError(
+            f"the processes found different checkpoints in {config.run_dir}: the run directory must be on a "
+            "filesystem that every process sees."
+        )
     if start_epoch == config.epochs:
         logger.info("%s has already trained all %d epochs.", config.run_dir, config.epochs)
         return config.run_dir / "best"
-    # Lines of epochs past the checkpoint (logged just before a kill) are dropped: those epochs run again.
-    metrics = [line for line in _read_metrics(config.run_dir) if line["epoch"] <= start_epoch]
-    save_config(config, config.run_dir)
+    batch_size = per_process * world.size  # the pairs of one step, over all processes
+    steps_per_epoch = len(train_pairs) // batch_size  # drop_last, as open_clip: every contrastive batch is full
+    schedule = cosine_lr(optimizer, config.lr, config.warmup, steps_per_epoch * config.epochs)
+    loss_fn = contrastive_loss(world, config.local_loss, config.gather_with_grad)
+    trainer = model  # what the step calls: the model, or DDP around it (which averages the gradients)
+    if world.size > 1:
+        trainer = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    metrics = []
+    if world.is_main:
+        # Lines of epochs past the checkpoint (logged just before a kill) are dropped: those epochs run again.
+        metrics = [line for line in _read_metrics(config.run_dir) if line["epoch"] <= start_epoch]
+        save_config(config, config.run_dir)
     train_set = PairDataset(config.img_root, train_pairs, preprocess_train, tokenizer)
     manifest = {
         "modality": config.dataset_type,
         "data": data,
         "training": config_to_dict(config),
-        "trained_on": {"device": str(device), "precision": precision},
+        "trained_on": {"device": device.type, "precision": precision, "processes": world.size, "batch": batch_size},
     }
-    trackers = _Trackers(config, config.run_dir)
+    trackers = _Trackers(config, config.run_dir, enabled=world.is_main)
     try:
         for epoch in range(start_epoch, config.epochs):
-            loader = epoch_loader(train_set, batch_size, config, epoch, pin_memory=device.type == "cuda")
-            model.train()
+            loader = epoch_loader(train_set, per_process, config, epoch, world)
+            trainer.train()
             started, losses = time.perf_counter(), []
             for pixels, tokens in (
-                progress := progress_bar(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+                progress := progress_bar(
+                    loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not world.is_main
+                )
             ):
                 step = epoch * steps_per_epoch + len(losses)
                 lr = schedule(step)
                 with _autocast(device, precision):
-                    image_features, text_features, logit_scale = model(pixels.to(device), tokens.to(device))
+                    image_features, text_features, logit_scale = trainer(pixels.to(device), tokens.to(device))
                     loss = loss_fn(image_features, text_features, logit_scale)
                 where = f"epoch {epoch + 1}, step {step + 1}"
-                check_loss(loss, "finetune-clip", where, lr)
+                step_loss = world.mean(loss).item()  # the step's loss over every process: one process's loss
+                check_loss(step_loss, "finetune-clip", where, lr)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if not scaler.is_enabled():  # AMP's scaler skips steps with inf/NaN gradients itself
@@ -595,37 +685,45 @@ def _finetune_clip(config: FinetuneConfig) -> Path:
                 scaler.update()
                 with torch.no_grad():
                     model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
-                losses.append(loss.item())
+                losses.append(step_loss)
                 progress.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}")
                 trackers.log({"train/loss": losses[-1], "train/lr": lr, "train/logit_scale": logit_scale.item()}, step)
             done, step = epoch + 1, (epoch + 1) * steps_per_epoch
             check_parameters(model, "finetune-clip", f"the end of epoch {done}", lr)
             line = {"epoch": done, "step": step, "split": "train", "loss": float(np.mean(losses)), "lr": lr}
-            metrics.append(line | {"seconds": round(time.perf_counter() - started, 3)})
-            logger.info("epoch %d/%d: train loss %.4f", done, config.epochs, line["loss"])
-
-            improved = not val_pairs  # without validation data, the latest epoch is the best there is
-            if improved:
-                best = {"epoch": done, "metric": "latest epoch (no validation data)"}
-            elif done % config.val_frequency == 0 or done == config.epochs:
-                try:
-                    result = evaluate(
-                        model, preprocess_val, tokenizer, config.img_root, val_pairs, batch_size, config.workers
-                    )
-                except NonFiniteScoresError as error:
-                    raise DivergedError(f"finetune-clip diverged: {error}, at the validation of epoch {done}") from None
-                metrics.append({"epoch": done, "step": step, "split": "val", **result})
-                trackers.log({f"val/{key}": value for key, value in result.items()}, step)
-                logger.info("epoch %d/%d: %s", done, config.epochs, describe(result))
-                new_best = select_best(best, result, done, config.select_metric)
-                improved, best = new_best is not None, new_best or best
-                plot_curves(metrics, config.run_dir / CURVES_FILE, f"{config.dataset_type}: {config.model}")
-            _write_metrics(config.run_dir, metrics)
-            state = {"epochs_done": done, "step": step, "best": best, "config": config_to_dict(config), "data": data}
-            _save_epoch(config, model, manifest, state, optimizer, scaler, improved)
+            with world.all_or_none(f"the end of epoch {done} (validation, checkpoint)"):
+                if world.is_main:  # the others wait for it here
+                    metrics.append(line | {"seconds": round(time.perf_counter() - started, 3)})
+                    logger.info("epoch %d/%d: train loss %.4f", done, config.epochs, line["loss"])
+                    improved = not val_pairs  # without validation data, the latest epoch is the best there is
+                    if improved:
+                        best = {"epoch": done, "metric": "latest epoch (no validation data)"}
+                    elif done % config.val_frequency == 0 or done == config.epochs:
+                        result = _validate(config, model, preprocess_val, tokenizer, val_pairs, batch_size, done)
+                        metrics.append({"epoch": done, "step": step, "split": "val", **result})
+                        trackers.log({f"val/{key}": value for key, value in result.items()}, step)
+                        logger.info("epoch %d/%d: %s", done, config.epochs, describe(result))
+                        new_best = select_best(best, result, done, config.select_metric)
+                        improved, best = new_best is not None, new_best or best
+                        plot_curves(metrics, config.run_dir / CURVES_FILE, f"{config.dataset_type}: {config.model}")
+                    _write_metrics(config.run_dir, metrics)
+                    state = {"epochs_done": done, "step": step, "best": best, "processes": world.size}
+                    state |= {"config": config_to_dict(config), "data": data}
+                    _save_epoch(config, model, manifest, state, optimizer, scaler, improved)
     finally:
         trackers.close()
-    logger.info(
-        "Fine-tuned the %s retriever: %s (best epoch %d)", config.dataset_type, config.run_dir / "best", best["epoch"]
-    )
+    if world.is_main:
+        logger.info(
+            "Fine-tuned the %s retriever: %s (best epoch %d)",
+            config.dataset_type,
+            config.run_dir / "best",
+            best["epoch"],
+        )
     return config.run_dir / "best"
+
+
+def _validate(config: FinetuneConfig, model, preprocess, tokenizer, pairs, batch_size: int, epoch: int) -> dict:
+    try:
+        return evaluate(model, preprocess, tokenizer, config.img_root, pairs, batch_size, config.workers)
+    except NonFiniteScoresError as error:
+        raise DivergedError(f"finetune-clip diverged: {error}, at the validation of epoch {epoch}") from None
