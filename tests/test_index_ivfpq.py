@@ -84,6 +84,16 @@ def test_reranking_the_shortlist_recovers_the_exact_neighbours(data):
     assert recall_at_10(index.search(queries, 10)[1], exact) >= 0.9  # measured 0.98
 
 
+@pytest.mark.parametrize("layers", [{}, {"opq": True, "rerank": 5}])
+def test_queries_short_of_k_rows_are_searched_again_through_every_cell(layers, data):
+    corpus = data[0][:1000]
+    index = ReportIndex.from_embeddings(
+        corpus, entries(1000), "radiology", IDENTITY, CORPUS, "ivfpq", nlist=25, nprobe=1, use_gpu=False, **layers
+    )
+    _, rows = index.search(corpus[:3], 1000)  # one cell holds about 40 reports
+    assert all(sorted(query) == list(range(1000)) for query in rows.tolist())
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
 def test_a_memory_mapped_index_searches_exactly_like_one_read_into_memory(kind, ivfpq, data, tmp_path):
     corpus, queries, _ = data

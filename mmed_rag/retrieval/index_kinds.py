@@ -183,15 +183,20 @@ def apply_search_params(index: faiss.Index, kind: str, params: dict) -> None:
 def exhaustive_params(index: faiss.Index, kind: str, size: int) -> faiss.SearchParameters | None:
     """Search settings under which ``index`` returns ``min(k, size)`` real rows for every query."""
     if kind in ("ivf", "ivfpq"):
-        ivf = faiss.SearchParametersIVF(nprobe=ivf_of(index).nlist)
-        if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
-            return faiss.SearchParametersRefine(base_index_params=ivf, k_factor=faiss.downcast_index(index).k_factor)
-        if isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):
-            return faiss.SearchParametersPreTransform(index_params=ivf)
-        return ivf
+        return _every_cell(faiss.downcast_index(index))
     if kind == "hnsw":
         return faiss.SearchParametersHNSW(efSearch=size)
     return None
+
+
+def _every_cell(index: faiss.Index) -> faiss.SearchParameters:
+    """IVF search parameters probing all cells, nested as the layers over the IVF index (re-ranking, rotation)."""
+    if isinstance(index, faiss.IndexRefine):
+        base = _every_cell(faiss.downcast_index(index.base_index))
+        return faiss.IndexRefineSearchParameters(base_index_params=base, k_factor=index.k_factor)
+    if isinstance(index, faiss.IndexPreTransform):
+        return faiss.SearchParametersPreTransform(index_params=_every_cell(faiss.downcast_index(index.index)))
+    return faiss.SearchParametersIVF(nprobe=index.nlist)
 
 
 def read_faiss_index(path: str, mmap: bool) -> faiss.Index:
