@@ -228,8 +228,13 @@ def scale(args: argparse.Namespace) -> None:
     configs = [
         ("flat", "flat", {}, {}),
         ("flat, read as before", None, {}, {"mmap": False, "materialise_reports": True}),
-        ("ivfpq", "ivfpq", {}, {"sweep": [{}, *({"nprobe": p} for p in (16, 32, 128))]}),
-        ("ivfpq", "ivfpq", {"pq_m": args.scale_dim // 8, "rerank": 10}, {"sweep": [{}, {"rerank": 4}, {"rerank": 20}]}),
+        ("ivfpq", "ivfpq", {}, {"sweep": [{}, *({"nprobe": p} for p in (4, 8, 16, 128))]}),
+        (
+            "ivfpq",
+            "ivfpq",
+            {"pq_m": args.scale_dim // 8, "rerank": 10},
+            {"sweep": [{}, {"rerank": 4}, {"rerank": 20}, {"nprobe": 16, "rerank": 20}]},
+        ),
     ]
     if args.scale_opq:
         configs.append(("ivfpq opq", "ivfpq", {"opq": True}, {}))
