@@ -236,8 +236,8 @@ def scale(args: argparse.Namespace) -> None:
             {"sweep": [{}, {"rerank": 4}, {"rerank": 20}, {"nprobe": 16, "rerank": 20}]},
         ),
     ]
-    if args.scale_opq:
-        configs.append(("ivfpq opq", "ivfpq", {"opq": True}, {}))
+    if args.scale_no_opq:
+        configs.append(("ivfpq, no OPQ", "ivfpq", {"opq": False}, {}))
     with tempfile.TemporaryDirectory(dir=args.scale_dir) as work:
         table = run_scale(Path(work), args.scale_n, args.scale_dim, args.scale_queries, configs)
     print_table(table, args.scale_n)
@@ -254,7 +254,7 @@ def main() -> None:
     parser.add_argument("--scale-n", type=int, default=1_000_000, help="--scale: reports in the index")
     parser.add_argument("--scale-dim", type=int, default=512, help="--scale: embedding width")
     parser.add_argument("--scale-queries", type=int, default=1000, help="--scale: queries (not corpus points)")
-    parser.add_argument("--scale-opq", action="store_true", help="--scale: also IVF-PQ after an OPQ rotation")
+    parser.add_argument("--scale-no-opq", action="store_true", help="--scale: also IVF-PQ without OPQ rotation")
     parser.add_argument("--scale-dir", default=None, help="--scale: work directory (default: a temporary one)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -66,7 +66,7 @@ def recall_at_10(rows: np.ndarray, exact: np.ndarray) -> float:
 def test_ivfpq_defaults_follow_the_corpus_and_find_most_exact_neighbours(ivfpq, data):
     _, queries, exact = data
     params = ivfpq.manifest["params"]
-    assert (params["nlist"], params["pq_m"], params["pq_nbits"], params["factory"]) == (76, 8, 8, "IVF76,PQ8x8np")
+    assert (params["nlist"], params["pq_m"], params["pq_nbits"], params["factory"]) == (76, 8, 8, "OPQ8,IVF76,PQ8x8np")
     assert default_pq_m(DIM) == 8 and default_pq_m(100) == 25 and default_pq_m(7) == 1
 
     scores, rows = ivfpq.search(queries, 10)
@@ -80,11 +80,11 @@ def test_reranking_the_shortlist_recovers_the_exact_neighbours(data):
     index = ReportIndex.from_embeddings(
         corpus, entries(3000), "radiology", IDENTITY, CORPUS, "ivfpq", rerank=10, nprobe=32, use_gpu=False
     )
-    assert index.manifest["params"]["factory"] == "IVF76,PQ8x8np,Refine(SQ8)"
+    assert index.manifest["params"]["factory"] == "OPQ8,IVF76,PQ8x8np,Refine(SQ8)"
     assert recall_at_10(index.search(queries, 10)[1], exact) >= 0.9  # measured 0.98
 
 
-@pytest.mark.parametrize("layers", [{}, {"opq": True, "rerank": 5}])
+@pytest.mark.parametrize("layers", [{"opq": False}, {"rerank": 5}])
 def test_queries_short_of_k_rows_are_searched_again_through_every_cell(layers, data):
     corpus = data[0][:1000]
     index = ReportIndex.from_embeddings(
@@ -126,6 +126,8 @@ def test_bad_pq_parameters_are_refused_with_what_to_choose(data):
         build(pq_m=5)
     with pytest.raises(IndexBuildError, match="trains 256 centroids per sub-quantiser, but the corpus has only 200"):
         build(n=200, nlist=4)
+    with pytest.raises(IndexBuildError, match="OPQ rotation .* only 200 unique reports. Pass opq=False"):
+        build(n=200, nlist=4, pq_nbits=4)
     with pytest.raises(IndexBuildError, match="pq_nbits=17: expected 1 to 16"):
         build(pq_nbits=17)
     with pytest.raises(IndexBuildError, match="nlist=5000 needs at least 5000 reports"):
@@ -188,6 +190,7 @@ def test_build_index_stage_writes_an_ivfpq_index(tmp_path):
         nlist=2,
         pq_m=16,
         pq_nbits=4,
+        opq=False,
     )
     build_index(config)
 

@@ -132,7 +132,10 @@ class BuildIndexConfig:
         metadata={"help": "ivfpq: sub-quantisers per embedding, must divide its width (default: about width/4)"},
     )
     pq_nbits: int = field(default=8, metadata={"help": "ivfpq: bits per sub-quantiser code (1-16)"})
-    opq: bool = field(default=False, metadata={"help": "ivfpq: learn an OPQ rotation before quantising"})
+    opq: bool = field(
+        default=True,
+        metadata={"help": "ivfpq: learn an OPQ rotation before quantising (better recall, about 4x the build time)"},
+    )
     rerank: int = field(
         default=0,
         metadata={
