@@ -19,12 +19,13 @@ overwritten, so an interrupted build leaves no manifest and is refused instead o
     reports.offsets byte offset of each row's line (numpy .npy, int64, size + 1): rows are read on demand
     manifest.json   format_version, modality, kind and its params, size, embed_dim, the retriever (its own
                     manifest, model name, path, sha256 of its weights), the corpus (path, sha256 of its bytes,
-                    record count), sha256 of index.faiss and reports.jsonl, library versions
+                    record count), sha256 of index.faiss, reports.jsonl and reports.offsets, library versions
     config.yaml     the BuildIndexConfig it was made with (only when built by :func:`build_index`)
 
 Format versions: 1 had no reports.offsets (a version-1 directory still loads: its offsets come from one scan of
-reports.jsonl); 2 adds it. A loaded index maps index.faiss (``mmap=True``, the default) and reports.jsonl instead
-of reading them into memory: a million-report index costs only the pages its searches and lookups touch.
+reports.jsonl); 2 adds it. A loaded index maps index.faiss (``mmap=True``, the default) and reads the rows of
+reports.jsonl only when looked up: a million-report index costs the pages its searches touch, not a copy of
+everything (:mod:`mmed_rag.retrieval.report_rows`).
 """
 
 from __future__ import annotations
