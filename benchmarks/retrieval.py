@@ -1,6 +1,7 @@
 """Retrieval speed and approximate-search quality, measured side by side in one run; prints one table.
 
     python benchmarks/retrieval.py [--quick] [--model tiny-clip|RN50] [--reports N] [--queries N]
+    python benchmarks/retrieval.py --scale [--scale-n 1000000] [--scale-dim 512] [--scale-queries 1000]
 
 1. Repeat-run batch retrieval: ``retrieve`` with its persisted index (a second run: load the index, encode the
    queries, search, write) against the original approach on every run (encode the whole report corpus, encode
@@ -13,6 +14,9 @@
 Report corpora: the released pathology retriever file (../shared, 4,602 distinct captions) when present, and
 distinct phantom chest reports (5,000, and 50,000 or 20,000 with --quick); queries are phantom radiographs.
 The original approach pays for the corpus on every run, so the ratio grows with corpus size / query count.
+
+``--scale`` runs only the million-report comparison instead (flat against IVF-PQ; see benchmarks/index_scale.py
+for its data and what it measures).
 """
 
 from __future__ import annotations
@@ -217,6 +221,28 @@ def approximate(work: Path, n_phantoms: int, epochs: int) -> None:
         )
 
 
+def scale(args: argparse.Namespace) -> None:
+    """Flat exact search against IVF-PQ (default parameters, then swept) on ``--scale-n`` reports."""
+    from index_scale import print_table, run_scale
+
+    configs = [
+        ("flat", "flat", {}, {}),
+        ("flat, read as before", None, {}, {"mmap": False, "materialise_reports": True}),
+        ("ivfpq", "ivfpq", {}, {"sweep": [{}, *({"nprobe": p} for p in (4, 8, 16, 128))]}),
+        (
+            "ivfpq",
+            "ivfpq",
+            {"pq_m": args.scale_dim // 8, "rerank": 10},
+            {"sweep": [{}, {"rerank": 4}, {"rerank": 20}, {"nprobe": 16, "rerank": 20}]},
+        ),
+    ]
+    if args.scale_no_opq:
+        configs.append(("ivfpq, no OPQ", "ivfpq", {"opq": False}, {}))
+    with tempfile.TemporaryDirectory(dir=args.scale_dir) as work:
+        table = run_scale(Path(work), args.scale_n, args.scale_dim, args.scale_queries, configs)
+    print_table(table, args.scale_n)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller settings, under 3 minutes on 2 cores")
@@ -224,8 +250,17 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=None)
     parser.add_argument("--search-size", type=int, default=None)
     parser.add_argument("--search-dim", type=int, default=512)
+    parser.add_argument("--scale", action="store_true", help="only the million-report index: flat against IVF-PQ")
+    parser.add_argument("--scale-n", type=int, default=1_000_000, help="--scale: reports in the index")
+    parser.add_argument("--scale-dim", type=int, default=512, help="--scale: embedding width")
+    parser.add_argument("--scale-queries", type=int, default=1000, help="--scale: queries (not corpus points)")
+    parser.add_argument("--scale-no-opq", action="store_true", help="--scale: also IVF-PQ without OPQ rotation")
+    parser.add_argument("--scale-dir", default=None, help="--scale: work directory (default: a temporary one)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.scale:
+        scale(args)
+        return
     model = args.model or "tiny-clip"
     queries = args.queries or 500
     search_size = args.search_size or 100_000

@@ -26,7 +26,7 @@ from mmed_rag.retrieval.index import (
 )
 from mmed_rag.testing import tiny_clip
 
-INDEX_FILES = {"index.faiss", "reports.jsonl", "manifest.json"}
+INDEX_FILES = {"index.faiss", "reports.jsonl", "reports.offsets", "manifest.json"}
 
 
 @pytest.fixture(scope="module")

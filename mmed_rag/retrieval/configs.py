@@ -140,7 +140,7 @@ class FinetuneConfig:
         return Path(self.logs) / (self.name or self.dataset_type)
 
 
-IndexKind = Literal["flat", "ivf", "hnsw"]
+IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq"]
 
 
 @dataclass
@@ -152,26 +152,65 @@ class BuildIndexConfig:
     modality: str = field(metadata={"help": "modality the index serves (radiology, pathology, ophthalmology, ...)"})
     out: str = field(metadata={"help": "index directory to write (index.faiss, reports.jsonl, manifest.json)"})
     kind: IndexKind = field(
-        default="flat", metadata={"help": "flat: exact inner product; ivf: k-means cells; hnsw: graph (approximate)"}
+        default="flat",
+        metadata={
+            "help": "flat: exact inner product; ivf: k-means cells; hnsw: graph; ivfpq: cells of product-quantised "
+            "codes, for a million reports and more (all but flat approximate)"
+        },
     )
     batch_size: int = field(default=256, metadata={"help": "reports encoded per batch"})
     nlist: int | None = field(
-        default=None, metadata={"help": "ivf: number of cells (default: about 4 sqrt(n), at most n/39)"}
+        default=None, metadata={"help": "ivf, ivfpq: number of cells (default: about 4 sqrt(n), at most n/39)"}
     )
-    nprobe: int = field(default=16, metadata={"help": "ivf: cells searched per query (capped at nlist)"})
+    nprobe: int | None = field(
+        default=None,
+        metadata={"help": "ivf, ivfpq: cells searched per query (default: ivf 16, ivfpq nlist/64 but >= 16)"},
+    )
     hnsw_m: int = field(default=32, metadata={"help": "hnsw: links per node"})
     ef_construction: int = field(default=40, metadata={"help": "hnsw: candidate list size while building"})
     ef_search: int = field(default=64, metadata={"help": "hnsw: candidate list size while searching"})
+    pq_m: int | None = field(
+        default=None,
+        metadata={"help": "ivfpq: sub-quantisers per embedding, must divide its width (default: about width/4)"},
+    )
+    pq_nbits: int = field(default=8, metadata={"help": "ivfpq: bits per sub-quantiser code (1-16)"})
+    opq: bool = field(
+        default=True,
+        metadata={"help": "ivfpq: learn an OPQ rotation before quantising (better recall, about 4x the build time)"},
+    )
+    rerank: int = field(
+        default=0,
+        metadata={
+            "help": "ivfpq: re-score the best rerank x k codes against 8-bit scalar-quantised vectors (0: off; "
+            "costs 1 byte per dimension per report)"
+        },
+    )
     device: str = field(default="auto", metadata={"help": "device that encodes the reports: auto, cpu, cuda, ..."})
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "nprobe", "ef_construction", "ef_search"):
+        for name in ("batch_size", "ef_construction", "ef_search"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected at least 1, got {getattr(self, name)}")
-        if self.nlist is not None and self.nlist < 1:
-            raise ConfigError(f"nlist: expected at least 1 (or null for the default), got {self.nlist}")
+        for name in ("nlist", "nprobe", "pq_m"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected at least 1 (or null for the default), got {getattr(self, name)}")
         if self.hnsw_m < 2:
             raise ConfigError(f"hnsw_m: expected at least 2, got {self.hnsw_m}")
+        if not 1 <= self.pq_nbits <= 16:
+            raise ConfigError(f"pq_nbits: expected 1 to 16 bits per code, got {self.pq_nbits}")
+        if self.rerank < 0:
+            raise ConfigError(f"rerank: expected 0 (off) or a shortlist factor >= 1, got {self.rerank}")
+
+    def index_params(self) -> dict:
+        """The parameters of ``kind``, as :meth:`ReportIndex.from_embeddings` takes them."""
+        if self.kind == "flat":
+            return {}
+        if self.kind == "hnsw":
+            return {"hnsw_m": self.hnsw_m, "ef_construction": self.ef_construction, "ef_search": self.ef_search}
+        params = {"nlist": self.nlist, "nprobe": self.nprobe}
+        if self.kind == "ivfpq":
+            params |= {"pq_m": self.pq_m, "pq_nbits": self.pq_nbits, "opq": self.opq, "rerank": self.rerank}
+        return params
 
 
 @dataclass

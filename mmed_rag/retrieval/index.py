@@ -16,10 +16,16 @@ overwritten, so an interrupted build leaves no manifest and is refused instead o
 
     index.faiss     faiss.write_index of the CPU index (inner product on L2-normalised embeddings = cosine)
     reports.jsonl   one line per index row: {"row": 0, "report": "...", "ids": ["rad_00001", ...]}
+    reports.offsets byte offset of each row's line (numpy .npy, int64, size + 1): rows are read on demand
     manifest.json   format_version, modality, kind and its params, size, embed_dim, the retriever (its own
                     manifest, model name, path, sha256 of its weights), the corpus (path, sha256 of its bytes,
-                    record count), sha256 of index.faiss and reports.jsonl, library versions
+                    record count), sha256 of index.faiss, reports.jsonl and reports.offsets, library versions
     config.yaml     the BuildIndexConfig it was made with (only when built by :func:`build_index`)
+
+Format versions: 1 had no reports.offsets (a version-1 directory still loads: its offsets come from one scan of
+reports.jsonl); 2 adds it. A loaded index maps index.faiss (``mmap=True``, the default) and reads the rows of
+reports.jsonl only when looked up: a million-report index costs the pages its searches touch, not a copy of
+everything (:mod:`mmed_rag.retrieval.report_rows`).
 """
 
 from __future__ import annotations
@@ -50,23 +56,31 @@ from mmed_rag.outputs import claim_outputs
 from mmed_rag.retrieval.clip import LOCAL_DIR_PREFIX, MANIFEST_FILE, create_clip, resolve_clip
 from mmed_rag.retrieval.configs import BuildIndexConfig, IndexKind
 from mmed_rag.retrieval.encode import embedding_dim, encode_texts
+from mmed_rag.retrieval.index_kinds import (
+    GPU_MAX_K,
+    KINDS,
+    IndexBuildError,
+    apply_search_params,
+    exhaustive_params,
+    gpu_copy,
+    new_faiss_index,
+    read_faiss_index,
+)
 from mmed_rag.retrieval.ranking import NonFiniteScoresError, check_finite
+from mmed_rag.retrieval.report_rows import (
+    OFFSETS_FILE,
+    REPORTS_FILE,
+    IndexedReport,
+    ReportRows,
+    ReportRowsError,
+    write_report_rows,
+)
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 INDEX_FILE = "index.faiss"
-REPORTS_FILE = "reports.jsonl"
-KINDS: tuple[str, ...] = ("flat", "ivf", "hnsw")
-# k-means wants this many points per centroid (faiss's own min_points_per_centroid); below it IVF still builds,
-# with a warning, because its centroids are then poorly placed.
-MIN_POINTS_PER_CENTROID = 39
-# faiss-gpu's k-selection handles at most this many neighbours; larger k is searched on the CPU copy.
-GPU_MAX_K = 2048
-
-
-class IndexBuildError(MMedRAGError, ValueError):
-    """An index cannot be built as asked: empty corpus, too few reports for IVF, unknown kind."""
 
 
 class IndexMissingError(MMedRAGError, FileNotFoundError):
@@ -159,15 +173,6 @@ class Retriever:
         return cls(model, tokenizer, RetrieverIdentity.of_model(model, model_name), preprocess)
 
 
-@dataclass(frozen=True)
-class IndexedReport:
-    """One index row: a unique report text and the ids of every corpus record that has it."""
-
-    row: int
-    report: str
-    ids: tuple[str | int, ...]
-
-
 def unique_reports(records: Iterable[ImageReportRecord]) -> list[IndexedReport]:
     """One row per exact report text, in order of first appearance, with the ids of all records sharing it."""
     ids_by_report: dict[str, list[str | int]] = {}
@@ -184,9 +189,9 @@ class ReportIndex:
 
     def __init__(self, index: faiss.Index, entries: Sequence[IndexedReport], manifest: dict, use_gpu: bool = True):
         self.index = index
-        self.entries = tuple(entries)
+        self.entries = entries if isinstance(entries, ReportRows) else tuple(entries)
         self.manifest = manifest
-        self._gpu_index = _gpu_copy(index) if use_gpu and self.kind == "flat" else None
+        self._gpu_index = gpu_copy(index, self.kind) if use_gpu else None
 
     @property
     def size(self) -> int:
@@ -219,22 +224,15 @@ class ReportIndex:
         kind: IndexKind = "flat",
         *,
         batch_size: int = 256,
-        nlist: int | None = None,
-        nprobe: int = 16,
-        hnsw_m: int = 32,
-        ef_construction: int = 40,
-        ef_search: int = 64,
         device: str | torch.device = "cpu",
         progress: bool = True,
         use_gpu: bool = True,
+        **params: Any,
     ) -> ReportIndex:
         """Encode the unique reports of ``corpus`` (a retriever training JSON) with ``retriever`` and index them.
 
         ``retriever`` is a directory written by :func:`save_clip` (loaded on ``device``) or a :class:`Retriever`.
-        ``kind``: ``"flat"`` exact search (the default; exact and fast up to a few hundred thousand reports),
-        ``"ivf"`` ``nlist`` k-means cells of which ``nprobe`` are searched (``nlist=None``: about 4 sqrt(n),
-        at most n / 39), ``"hnsw"`` a graph with ``hnsw_m`` links per node, ``ef_construction`` and
-        ``ef_search`` candidate lists. Nothing is written; call :meth:`save`.
+        ``kind`` and ``params`` as in :meth:`from_embeddings`. Nothing is written; call :meth:`save`.
         """
         if kind not in KINDS:
             raise IndexBuildError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
@@ -246,7 +244,6 @@ class ReportIndex:
         entries = unique_reports(records)
         if not entries:
             raise IndexBuildError(f"{corpus} holds no records: there is nothing to index for {modality}.")
-        started = time.perf_counter()
         embeddings = encode_texts(
             retriever.model,
             retriever.tokenizer,
@@ -258,20 +255,51 @@ class ReportIndex:
             check_finite(embeddings, f"report embeddings of {corpus} by {retriever.identity.model_name}")
         except NonFiniteScoresError as error:
             raise IndexBuildError(f"{error}: no index is built from them") from None
-        index, params = _new_faiss_index(
-            kind,
+        return cls.from_embeddings(
             embeddings,
-            nlist=nlist,
-            nprobe=nprobe,
-            hnsw_m=hnsw_m,
-            ef_construction=ef_construction,
-            ef_search=ef_search,
+            entries,
+            modality,
+            retriever.identity,
+            {"path": str(corpus), "sha256": corpus_sha256, "records": len(records)},
+            kind,
+            use_gpu=use_gpu,
+            **params,
         )
+
+    @classmethod
+    def from_embeddings(
+        cls,
+        embeddings: np.ndarray,
+        entries: Sequence[IndexedReport],
+        modality: str,
+        retriever: RetrieverIdentity,
+        corpus: dict,
+        kind: IndexKind = "flat",
+        *,
+        use_gpu: bool = True,
+        **params: Any,
+    ) -> ReportIndex:
+        """Index report ``embeddings`` (one L2-normalised row per entry, encoded by ``retriever``).
+
+        ``kind``: ``"flat"`` exact search (the default; exact and fast up to a few hundred thousand reports),
+        ``"ivf"`` ``nlist`` k-means cells of which ``nprobe`` are searched (``nlist=None``: about 4 sqrt(n),
+        at most n / 39), ``"hnsw"`` a graph with ``hnsw_m`` links per node, ``ef_construction`` and
+        ``ef_search`` candidate lists, ``"ivfpq"`` IVF cells of product-quantised codes for a million reports
+        and more (``pq_m`` sub-quantisers of ``pq_nbits`` bits, ``opq`` rotation, ``rerank`` shortlist factor;
+        see :mod:`mmed_rag.retrieval.index_kinds`). ``corpus``: the manifest's record of the indexed file
+        (path, sha256, records).
+        """
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or len(embeddings) != len(entries):
+            raise IndexBuildError(
+                f"embeddings: expected one row per report ({len(entries)}), got an array of shape {embeddings.shape}"
+            )
+        started = time.perf_counter()
+        index, params = new_faiss_index(kind, embeddings, **params)
         index.add(embeddings)
         logger.info(
-            "Indexed %d unique reports of %d %s records (%s, %d dims) in %.1f s",
+            "Indexed %d unique %s reports (%s, %d dims) in %.1f s",
             len(entries),
-            len(records),
             modality,
             kind,
             embeddings.shape[1],
@@ -286,25 +314,23 @@ class ReportIndex:
             "size": len(entries),
             "embed_dim": int(embeddings.shape[1]),
             "dedup": "exact report text",
-            "retriever": retriever.identity.to_manifest(),
-            "corpus": {"path": str(corpus), "sha256": corpus_sha256, "records": len(records)},
+            "retriever": retriever.to_manifest(),
+            "corpus": corpus,
             "versions": _versions(),
         }
         return cls(index, entries, manifest, use_gpu=use_gpu)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``index.faiss``, ``reports.jsonl`` and, last, ``manifest.json`` to ``directory``."""
+        """Write ``index.faiss``, ``reports.jsonl``, ``reports.offsets`` and, last, ``manifest.json``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MANIFEST_FILE).unlink(missing_ok=True)
         with atomic_path(directory / INDEX_FILE) as tmp:
             faiss.write_index(self.index, str(tmp))
-        lines = (
-            json.dumps({"row": e.row, "report": e.report, "ids": list(e.ids)}, ensure_ascii=False) + "\n"
-            for e in self.entries
-        )
-        atomic_write_text(directory / REPORTS_FILE, "".join(lines))
-        self.manifest["files"] = {name: file_sha256(directory / name) for name in (INDEX_FILE, REPORTS_FILE)}
+        write_report_rows(directory, self.entries)
+        self.manifest["format_version"] = FORMAT_VERSION
+        files = (INDEX_FILE, REPORTS_FILE, OFFSETS_FILE)
+        self.manifest["files"] = {name: file_sha256(directory / name) for name in files}
         atomic_write_text(directory / MANIFEST_FILE, json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")
         logger.info("Saved %r to %s", self, directory)
         return directory
@@ -317,6 +343,7 @@ class ReportIndex:
         corpus: str | os.PathLike | None = None,
         modality: str | None = None,
         use_gpu: bool = True,
+        mmap: bool = True,
     ) -> ReportIndex:
         """Load an index written by :meth:`save`, refusing one that does not fit what it is to be used with.
 
@@ -324,12 +351,20 @@ class ReportIndex:
         have been built with exactly those weights; given ``corpus``, the file must be byte-identical to the one
         indexed; given ``modality``, it must match. Left out, those checks are skipped: only the directory's own
         consistency is checked (files unchanged since the manifest, row counts, embedding width).
+
+        ``mmap`` (the default) maps ``index.faiss`` instead of reading it: pages are read as searches touch them
+        and shared by every process that loads the same index; results are identical. Report texts are always
+        read on demand (:class:`~mmed_rag.retrieval.report_rows.ReportRows`).
         """
         directory = Path(directory)
         manifest = cls.validate(directory, retriever, corpus, modality)
-        entries = _read_entries(directory / REPORTS_FILE)
+        offsets = directory / OFFSETS_FILE if manifest["format_version"] >= 2 else None
         try:
-            index = faiss.read_index(str(directory / INDEX_FILE))
+            entries = ReportRows.open(directory / REPORTS_FILE, offsets)
+        except ReportRowsError as error:
+            raise IndexCorruptError(f"{error}") from None
+        try:
+            index = read_faiss_index(str(directory / INDEX_FILE), mmap)
         except RuntimeError as error:
             raise IndexCorruptError(f"{directory / INDEX_FILE} is not a readable FAISS index: {error}") from None
         if not index.ntotal == len(entries) == manifest["size"]:
@@ -342,7 +377,7 @@ class ReportIndex:
                 f"{directory}: {INDEX_FILE} is a {index.d}-dim index (metric {index.metric_type}), but the manifest "
                 f"says {manifest['embed_dim']} dims, inner product. Rebuild the index."
             )
-        _apply_search_params(index, manifest["kind"], manifest["params"])
+        apply_search_params(index, manifest["kind"], manifest["params"])
         return cls(index, entries, manifest, use_gpu=use_gpu)
 
     @staticmethod
@@ -371,7 +406,7 @@ class ReportIndex:
 
         Queries are L2-normalised embeddings from the index's retriever (see :mod:`mmed_rag.retrieval.encode`), so
         scores are cosine similarities. ``k`` larger than the index returns all ``size`` rows (``size``
-        columns): there is never a ``-1`` placeholder. Where an approximate index (IVF, HNSW) finds fewer than
+        columns): there is never a ``-1`` placeholder. Where an approximate index (IVF, HNSW, IVF-PQ) finds fewer than
         ``k`` rows for a query, that query is searched again exhaustively, so every row is a real one.
         """
         queries = np.asarray(queries)
@@ -390,92 +425,19 @@ class ReportIndex:
         incomplete = (rows < 0).any(axis=1)
         if incomplete.any():
             scores[incomplete], rows[incomplete] = self.index.search(
-                queries[incomplete], k, params=_exhaustive_params(self.index, self.kind, self.size)
+                queries[incomplete], k, params=exhaustive_params(self.index, self.kind, self.size)
             )
         return scores, rows.astype(np.int64, copy=False)
 
     def lookup(self, rows: np.ndarray) -> list[list[IndexedReport]]:
-        """The index rows of a :meth:`search` result, as reports with their record ids."""
+        """The index rows of a :meth:`search` result, as reports with their record ids (read on demand)."""
         rows = np.asarray(rows)
         if rows.size and (rows.min() < 0 or rows.max() >= self.size):
             raise ValueError(f"rows: expected values in [0, {self.size}), got {rows.min()}..{rows.max()}")
-        return [[self.entries[row] for row in query_rows] for query_rows in rows.tolist()]
-
-
-# -- FAISS -----------------------------------------------------------------------------------------------------
-
-
-def default_nlist(n: int) -> int:
-    """About 4 sqrt(n) IVF cells, but never fewer than 39 reports per cell (and at least one cell)."""
-    return max(1, min(round(4 * n**0.5), n // MIN_POINTS_PER_CENTROID))
-
-
-def _new_faiss_index(
-    kind: str,
-    embeddings: np.ndarray,
-    *,
-    nlist: int | None,
-    nprobe: int,
-    hnsw_m: int,
-    ef_construction: int,
-    ef_search: int,
-) -> tuple[faiss.Index, dict]:
-    """An empty (IVF: trained) inner-product index of ``kind`` for ``embeddings``, and its params."""
-    n, dim = embeddings.shape
-    if kind == "flat":
-        return faiss.IndexFlatIP(dim), {}
-    if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = ef_construction
-        params = {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
-        _apply_search_params(index, kind, params)
-        return index, params
-    nlist = nlist or default_nlist(n)
-    if n < nlist:
-        raise IndexBuildError(
-            f"IVF with nlist={nlist} needs at least {nlist} reports to train its centroids, but the corpus has "
-            f"{n} unique reports. Use kind='flat' (exact, and fast at this size) or a smaller nlist."
-        )
-    if n < MIN_POINTS_PER_CENTROID * nlist:
-        logger.warning(
-            "IVF: %d reports for nlist=%d cells is fewer than %d per cell; the cells will be poorly "
-            "placed (recall suffers). Consider kind='flat' or nlist <= %d.",
-            n,
-            nlist,
-            MIN_POINTS_PER_CENTROID,
-            max(1, n // MIN_POINTS_PER_CENTROID),
-        )
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.cp.spherical = True  # unit-norm centroids: the cells of cosine similarity
-    index.cp.min_points_per_centroid = 1  # too few points is warned about above, in our words
-    index.train(embeddings)
-    params = {"nlist": nlist, "nprobe": min(nprobe, nlist)}
-    _apply_search_params(index, kind, params)
-    return index, params
-
-
-def _apply_search_params(index: faiss.Index, kind: str, params: dict) -> None:
-    # faiss.write_index does not keep HNSW's efSearch, so the manifest is the record of search settings.
-    if kind == "ivf":
-        index.nprobe = params["nprobe"]
-    elif kind == "hnsw":
-        index.hnsw.efSearch = params["ef_search"]
-
-
-def _exhaustive_params(index: faiss.Index, kind: str, size: int) -> faiss.SearchParameters | None:
-    if kind == "ivf":
-        return faiss.SearchParametersIVF(nprobe=index.nlist)
-    if kind == "hnsw":
-        return faiss.SearchParametersHNSW(efSearch=size)
-    return None
-
-
-def _gpu_copy(index: faiss.Index) -> faiss.Index | None:
-    """A copy of a flat index on every GPU faiss can use (faiss-gpu with a GPU present), else None."""
-    if faiss.get_num_gpus() == 0:
-        return None
-    logger.info("Searching the report index on %d GPU(s)", faiss.get_num_gpus())
-    return faiss.index_cpu_to_all_gpus(index)
+        try:
+            return [[self.entries[row] for row in query_rows] for query_rows in rows.tolist()]
+        except ReportRowsError as error:
+            raise IndexCorruptError(f"{error}") from None
 
 
 # -- reading and checking a stored index -----------------------------------------------------------------------
@@ -495,11 +457,12 @@ def _read_manifest(directory: Path) -> dict:
     except json.JSONDecodeError as error:
         raise IndexCorruptError(f"{path} is not valid JSON: {error}") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
         raise IndexCorruptError(
-            f"{path}: format_version {version!r}, but this mmed-rag reads version {FORMAT_VERSION}; rebuild the index."
+            f"{path}: format_version {version!r}, but this mmed-rag reads versions {readable}; rebuild the index."
         )
-    for name in (INDEX_FILE, REPORTS_FILE):
+    for name in (INDEX_FILE, REPORTS_FILE) if version == 1 else (INDEX_FILE, REPORTS_FILE, OFFSETS_FILE):
         file = directory / name
         if not file.is_file():
             raise IndexMissingError(f"{directory} has a manifest but no {name}; rebuild the index.")
@@ -547,22 +510,6 @@ def _check_corpus(directory: Path, manifest: dict, corpus: Path) -> None:
         )
 
 
-def _read_entries(path: Path) -> list[IndexedReport]:
-    entries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-            entry = IndexedReport(int(raw["row"]), str(raw["report"]), tuple(raw["ids"]))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            raise IndexCorruptError(f"{path}, line {number}: not a {{row, report, ids}} record ({error})") from None
-        if entry.row != len(entries):
-            raise IndexCorruptError(f"{path}, line {number}: row {entry.row}, expected {len(entries)}")
-        entries.append(entry)
-    return entries
-
-
 def _versions() -> dict[str, str]:
     versions = {"faiss": faiss.__version__}
     for name in ("torch", "open_clip_torch", "mmed-rag"):
@@ -590,12 +537,8 @@ def _build_index(config: BuildIndexConfig) -> ReportIndex:
         config.modality,
         config.kind,
         batch_size=config.batch_size,
-        nlist=config.nlist,
-        nprobe=config.nprobe,
-        hnsw_m=config.hnsw_m,
-        ef_construction=config.ef_construction,
-        ef_search=config.ef_search,
         device=device,
+        **config.index_params(),
     )
     save_config(config, config.out)
     index.save(config.out)
