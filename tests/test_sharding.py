@@ -107,12 +107,6 @@ def test_generate_under_torchrun_writes_the_one_process_output_and_survives_a_ki
     straight = tmp_path / "straight.jsonl"
     assert main(generate_argv(world, source, straight)) == 0
 
-    split = tmp_path / "split.jsonl"
-    run = torchrun(["-m", "mmed_rag.cli", *generate_argv(world, source, split)], tmp_path)
-    assert run.returncode == 0, run.stdout[-3000:]
-    assert split.read_bytes() == straight.read_bytes()
-    assert leftovers(split) == [] and (tmp_path / "split.config.yaml").is_file()
-
     killed = tmp_path / "killed.jsonl"
     (tmp_path / "killer.py").write_text(RANK_KILLER)
     run = torchrun(["killer.py", "1", "2", *generate_argv(world, source, killed)], tmp_path)

@@ -571,14 +571,17 @@ def shuffle_rows(directory: Path, seed: int) -> None:
     import random
 
     from mmed_rag.fingerprint import file_sha256
+    from mmed_rag.retrieval.report_rows import OFFSETS_FILE, REPORTS_FILE, IndexedReport, write_report_rows
 
-    reports = directory / "reports.jsonl"
-    rows = read_jsonl(reports)
-    contents = [{key: value for key, value in row.items() if key != "row"} for row in rows]
+    rows = read_jsonl(directory / REPORTS_FILE)
+    contents = [(row["report"], tuple(row["ids"])) for row in rows]
     random.Random(seed).shuffle(contents)
-    write_jsonl(reports, [{"row": row["row"], **content} for row, content in zip(rows, contents, strict=True)])
+    write_report_rows(
+        directory, [IndexedReport(row["row"], report, ids) for row, (report, ids) in zip(rows, contents, strict=True)]
+    )
     manifest = json.loads((directory / "manifest.json").read_text())
-    manifest["files"]["reports.jsonl"] = file_sha256(reports)
+    for name in (REPORTS_FILE, OFFSETS_FILE):
+        manifest["files"][name] = file_sha256(directory / name)
     manifest["shuffled_rows_seed"] = seed
     atomic_write_text(directory / "manifest.json", json.dumps(manifest, indent=2))
 
