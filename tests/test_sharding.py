@@ -171,8 +171,10 @@ def test_retrieve_under_torchrun_builds_the_index_once_and_writes_the_one_proces
     assert main(retrieve_argv(world, source, straight, "--train_json", str(world.corpus))) == 0
     # No --index: both ranks need the corpus index; one builds and caches it, the other waits and loads it.
     argv = [arg for arg in retrieve_argv(world, source, split) if arg not in ("--index", str(world.index))]
-    run = torchrun(["-m", "mmed_rag.cli", *argv, "--train_json", str(world.corpus)], tmp_path)
+    # -v: every rank logs (rank 1 otherwise shows only warnings), so both the build and the reuse are seen.
+    run = torchrun(["-m", "mmed_rag.cli", "-v", *argv, "--train_json", str(world.corpus)], tmp_path)
     assert run.returncode == 0, run.stdout[-3000:]
     assert run.stdout.count("Reusing the cached report index") == 1, run.stdout[-3000:]
+    assert run.stdout.count("Saved ReportIndex") == 1, run.stdout[-3000:]
     assert split.read_bytes() == straight.read_bytes()
     assert leftovers(split) == []
