@@ -7,7 +7,7 @@ nor transformers: a dataclass with its defaults and checks needs neither.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from mmed_rag.chat_templates import LLAVA_MED_MISTRAL
@@ -32,25 +32,9 @@ def check_backend(config: GeneratorConfig | PipelineConfig) -> None:
 
 
 @dataclass
-class GeneratorConfig:
-    """How to load and run the generator; the defaults are greedy decoding, as MMed-RAG evaluates."""
+class BackendOptions:
+    """Which engine generates, and how a server is reached: shared by ``GeneratorConfig`` and ``PipelineConfig``."""
 
-    model: str = field(default="", metadata={"help": "local model directory (AutoModelForImageTextToText)"})
-    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter directory from preference tuning"})
-    max_new_tokens: int = field(default=128, metadata={"help": "generated tokens at most"})
-    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
-    stop_strings: tuple[str, ...] = field(default=(), metadata={"help": "stop generating at any of these"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "auto: bfloat16 (or float16) on GPU, float32 on CPU"}
-    )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
-    seed: int = field(default=0, metadata={"help": "seed for sampling"})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "run code shipped with the model directory (only for models you trust)"}
-    )
     backend: Literal["hf", "openai", "vllm"] = field(
         default="hf",
         metadata={
@@ -81,14 +65,40 @@ class GeneratorConfig:
         },
     )
 
+    def backend_options(self) -> dict:
+        """These options by name, to hand from one config to the other."""
+        return {name.name: getattr(self, name.name) for name in fields(BackendOptions)}
+
+
+@dataclass(kw_only=True)
+class GeneratorConfig(BackendOptions):
+    """How to load and run the generator; the defaults are greedy decoding, as MMed-RAG evaluates."""
+
+    model: str = field(default="", metadata={"help": "local model directory (AutoModelForImageTextToText)"})
+    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter directory from preference tuning"})
+    max_new_tokens: int = field(default=128, metadata={"help": "generated tokens at most"})
+    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    stop_strings: tuple[str, ...] = field(default=(), metadata={"help": "stop generating at any of these"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "auto: bfloat16 (or float16) on GPU, float32 on CPU"}
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+    seed: int = field(default=0, metadata={"help": "seed for sampling"})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "run code shipped with the model directory (only for models you trust)"}
+    )
+
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError("max_new_tokens and batch_size must be at least 1")
         check_backend(self)
 
 
-@dataclass
-class PipelineConfig:
+@dataclass(kw_only=True)
+class PipelineConfig(BackendOptions):
     """Everything ``mmed-rag generate`` needs; a YAML file in ``configs/generate/`` sets it."""
 
     model: str = field(default="", metadata={"help": "generator: local image-text-to-text model directory"})
@@ -161,35 +171,6 @@ class PipelineConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "model dtype"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
     trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the model directory"})
-    backend: Literal["hf", "openai", "vllm"] = field(
-        default="hf",
-        metadata={
-            "help": "hf: transformers in this process; openai: an OpenAI-compatible server at --api-base (vllm serve, "
-            "SGLang, LMDeploy, TGI); vllm: a vLLM engine in this process (needs the vllm package)"
-        },
-    )
-    api_base: str | None = field(
-        default=None, metadata={"help": "with --backend openai: the server's base URL, e.g. http://127.0.0.1:8000/v1"}
-    )
-    api_model: str | None = field(
-        default=None,
-        metadata={"help": "with --backend openai: the served model's name (default: the server's only one)"},
-    )
-    concurrency: int = field(
-        default=8, metadata={"help": "with --backend openai: requests in flight at once (at most --batch-size)"}
-    )
-    request_timeout: float = field(default=600.0, metadata={"help": "with --backend openai: seconds per request"})
-    retries: int = field(
-        default=5,
-        metadata={"help": "with --backend openai: retries of a request on connection errors, timeouts and 5xx"},
-    )
-    top_logprobs: int = field(
-        default=20,
-        metadata={
-            "help": "with --backend openai/vllm: first-token log-probs read for yes/no scores (vLLM caps them at its "
-            "--max-logprobs, 20 by default)"
-        },
-    )
     on_error: Literal["raise", "skip"] = field(
         default="raise", metadata={"help": "a record that cannot be answered: stop, or report and leave it out"}
     )
@@ -253,13 +234,7 @@ class PipelineConfig:
             dtype=self.dtype,
             device=self.device,
             trust_remote_code=self.trust_remote_code,
-            backend=self.backend,
-            api_base=self.api_base,
-            api_model=self.api_model,
-            concurrency=self.concurrency,
-            request_timeout=self.request_timeout,
-            retries=self.retries,
-            top_logprobs=self.top_logprobs,
+            **self.backend_options(),
         )
 
 
