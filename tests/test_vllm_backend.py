@@ -5,7 +5,8 @@ tests also show that the conversion writes weights vLLM loads. One server starts
 2 cores); the answers are compared with ``--backend hf`` on the same directory, prompts and images.
 
 vLLM lives in ``.venv-vllm`` (``make vllm-env``; ``make test`` builds it first). Without it these tests fail with
-that command, unless ``MMED_RAG_SKIP_VLLM=1`` is set.
+that command, unless ``MMED_RAG_SKIP_VLLM=1`` is set or ``make test`` found too little disk to build it and left
+``.venv-vllm.skipped`` saying so.
 """
 
 import importlib.util
@@ -39,6 +40,8 @@ from mmed_rag.testing import SERVABLE_TEXT, free_port, save_tiny_llava
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+# Left by `make test` when the disk had no room to build .venv-vllm (the Makefile's vllm-env-if-room).
+VLLM_SKIPPED = ROOT / ".venv-vllm.skipped"
 RECORDS = 12
 MAX_NEW_TOKENS = 8
 
@@ -140,10 +143,12 @@ class FlakyProxy:
 
 
 def vllm_python() -> Path:
-    if VLLM_PYTHON.is_file():
-        return VLLM_PYTHON
     if os.environ.get("MMED_RAG_SKIP_VLLM") == "1":
         pytest.skip("MMED_RAG_SKIP_VLLM=1: the tests against a vLLM server are skipped")
+    if VLLM_SKIPPED.is_file():
+        pytest.skip(f"{VLLM_SKIPPED.name}: {VLLM_SKIPPED.read_text().strip()}")
+    if VLLM_PYTHON.is_file():
+        return VLLM_PYTHON
     pytest.fail(
         f"{VLLM_PYTHON} is missing: build vLLM's environment with `make vllm-env` (a few minutes, about 6 GB), "
         f"or set MMED_RAG_SKIP_VLLM=1 to skip the tests that need it"
