@@ -1,4 +1,5 @@
-"""A million-report index: flat exact search against IVF-PQ, built, saved, loaded and searched side by side.
+"""A million-report index: flat exact search against IVF-PQ and IVF-RaBitQ, built, saved, loaded and searched
+side by side.
 
 Run through ``python benchmarks/retrieval.py --scale [--scale-n N]`` (default N = 1,000,000).
 

@@ -222,7 +222,8 @@ def approximate(work: Path, n_phantoms: int, epochs: int) -> None:
 
 
 def scale(args: argparse.Namespace) -> None:
-    """Flat exact search against IVF-PQ (default parameters, then swept) on ``--scale-n`` reports."""
+    """Flat exact search against IVF-PQ and IVF-RaBitQ (default parameters, then swept) on ``--scale-n``
+    reports."""
     from index_scale import print_table, run_scale
 
     configs = [
@@ -235,6 +236,10 @@ def scale(args: argparse.Namespace) -> None:
             {"pq_m": args.scale_dim // 8, "rerank": 10},
             {"sweep": [{}, {"rerank": 4}, {"rerank": 20}, {"nprobe": 16, "rerank": 20}]},
         ),
+    ]
+    configs += [
+        ("ivfrabitq", "ivfrabitq", {}, {"sweep": [{}, {"nprobe": 16}]}),
+        ("ivfrabitq", "ivfrabitq", {"rabitq_bits": 3}, {"sweep": [{}, {"nprobe": 16}]}),
     ]
     if args.scale_no_opq:
         configs.append(("ivfpq, no OPQ", "ivfpq", {"opq": False}, {}))
@@ -250,7 +255,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=None)
     parser.add_argument("--search-size", type=int, default=None)
     parser.add_argument("--search-dim", type=int, default=512)
-    parser.add_argument("--scale", action="store_true", help="only the million-report index: flat against IVF-PQ")
+    parser.add_argument(
+        "--scale", action="store_true", help="only the million-report index: flat against IVF-PQ and IVF-RaBitQ"
+    )
     parser.add_argument("--scale-n", type=int, default=1_000_000, help="--scale: reports in the index")
     parser.add_argument("--scale-dim", type=int, default=512, help="--scale: embedding width")
     parser.add_argument("--scale-queries", type=int, default=1000, help="--scale: queries (not corpus points)")

@@ -175,7 +175,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         "--config", metavar="YAML", help=f"YAML file with {cls.__name__} fields (overridden by options)"
     )
     types_by_name = _field_types(cls)
-    for f in dataclasses.fields(cls):
+    for f in _own_fields_first(cls):
         if not f.init:
             continue
         inner, _optional = _strip_optional(types_by_name[f.name])
@@ -210,6 +210,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         flags += list(f.metadata.get("aliases", ()))
         parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, **kwargs)
+
+
+def _own_fields_first(cls: type) -> list[dataclasses.Field]:
+    """The fields a stage's config declares itself, then those of its option groups (BackendOptions,
+    ShardOptions), so that ``--help`` opens with what the stage is about; dataclasses put inherited fields first."""
+    own = vars(cls).get("__annotations__", {})
+    return sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace) -> C:

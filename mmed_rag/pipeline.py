@@ -38,7 +38,7 @@ from mmed_rag.progress import progress_bar
 from mmed_rag.resumable import ResumableOutput
 from mmed_rag.retrieval.encode import embed_pixels
 from mmed_rag.retrieval.router import Router
-from mmed_rag.sharding import Shard, check_parts, merge_parts, resolve_shard, unfinished_parts
+from mmed_rag.sharding import Shard, check_parts, merge_parts, unfinished_parts
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def generate(config: PipelineConfig) -> RunSummary:
     if config.input is None or config.output is None:
         raise ConfigError("give --input (a VQA JSONL or report JSON) and --output")
     output = Path(config.output)
-    shard = resolve_shard(config.num_chunks, config.chunk_idx)
+    shard = config.shard()
     with claim_outputs("generate", files=[shard.output(output)], inputs=config.read_paths()):
         check_parts(output, shard, config.fresh)  # before the model loads (run_file checks it again)
         read = read_or_skip(config.input, config.on_error)

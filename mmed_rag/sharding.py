@@ -23,7 +23,7 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmed_rag.atomic import atomic_write_bytes
@@ -82,6 +82,21 @@ class Shard:
             if torch.cuda.is_available():
                 return f"cuda:{self.local_rank}"
         return name
+
+
+@dataclass(kw_only=True)
+class ShardOptions:
+    """The options of a stage that splits its input over independently launched jobs (generate, retrieve)."""
+
+    num_chunks: int = field(
+        default=1, metadata={"help": "split the input into this many parts, one per job (LLaVA's convention)"}
+    )
+    chunk_idx: int = field(
+        default=0, metadata={"help": "the part this job answers (0-based); the last part to finish merges them all"}
+    )
+
+    def shard(self, environ: Mapping[str, str] = os.environ) -> Shard:
+        return resolve_shard(self.num_chunks, self.chunk_idx, environ)
 
 
 def resolve_shard(num_chunks: int = 1, chunk_idx: int = 0, environ: Mapping[str, str] = os.environ) -> Shard:

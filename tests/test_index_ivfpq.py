@@ -1,4 +1,4 @@
-"""IVF-PQ report indexes, memory-mapped loading, reports read on demand, and old index directories."""
+"""IVF-PQ and IVF-RaBitQ report indexes, memory-mapped loading, reports read on demand, and old index directories."""
 
 import json
 
@@ -84,17 +84,41 @@ def test_reranking_the_shortlist_recovers_the_exact_neighbours(data):
     assert recall_at_10(index.search(queries, 10)[1], exact) >= 0.9  # measured 0.98
 
 
-@pytest.mark.parametrize("layers", [{"opq": False}, {"rerank": 5}])
-def test_queries_short_of_k_rows_are_searched_again_through_every_cell(layers, data):
+def test_ivfrabitq_codes_estimate_more_precisely_with_more_bits(data):
+    corpus, queries, exact = data
+
+    def recall(bits: int) -> float:
+        index = ReportIndex.from_embeddings(
+            corpus, entries(3000), "radiology", IDENTITY, CORPUS, "ivfrabitq", rabitq_bits=bits, use_gpu=False
+        )
+        assert index.manifest["params"] == {
+            "nlist": 76,
+            "nprobe": 16,
+            "rabitq_bits": bits,
+            "factory": f"IVF76,RaBitQ{bits if bits > 1 else ''}",
+            "trained_on": 3000,
+        }
+        scores, rows = index.search(queries, 10)
+        assert (rows >= 0).all() and (np.diff(scores, axis=1) <= 1e-6).all()
+        return recall_at_10(rows, exact)
+
+    one_bit, four_bits = recall(1), recall(4)
+    assert four_bits >= 0.85 and one_bit < four_bits - 0.15  # measured 0.92 and 0.61
+
+
+@pytest.mark.parametrize(
+    ("kind", "layers"), [("ivfpq", {"opq": False}), ("ivfpq", {"rerank": 5}), ("ivfrabitq", {"rabitq_bits": 2})]
+)
+def test_queries_short_of_k_rows_are_searched_again_through_every_cell(kind, layers, data):
     corpus = data[0][:1000]
     index = ReportIndex.from_embeddings(
-        corpus, entries(1000), "radiology", IDENTITY, CORPUS, "ivfpq", nlist=25, nprobe=1, use_gpu=False, **layers
+        corpus, entries(1000), "radiology", IDENTITY, CORPUS, kind, nlist=25, nprobe=1, use_gpu=False, **layers
     )
     _, rows = index.search(corpus[:3], 1000)  # one cell holds about 40 reports
     assert all(sorted(query) == list(range(1000)) for query in rows.tolist())
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq", "ivfrabitq"])
 def test_a_memory_mapped_index_searches_exactly_like_one_read_into_memory(kind, ivfpq, data, tmp_path):
     corpus, queries, _ = data
     built = (
@@ -116,7 +140,7 @@ def test_a_memory_mapped_index_searches_exactly_like_one_read_into_memory(kind, 
     assert mapped.lookup(rows) == [[built.entries[row] for row in query] for query in rows.tolist()]
 
 
-def test_bad_pq_parameters_are_refused_with_what_to_choose(data):
+def test_bad_code_parameters_are_refused_with_what_to_choose(data):
     corpus = data[0]
 
     def build(n=3000, **params):
@@ -132,11 +156,14 @@ def test_bad_pq_parameters_are_refused_with_what_to_choose(data):
         build(pq_nbits=17)
     with pytest.raises(IndexBuildError, match="nlist=5000 needs at least 5000 reports"):
         build(nlist=5000)
+    with pytest.raises(IndexBuildError, match=r"rabitq_bits=0: expected 1 to 9 bits per dimension \(default 4"):
+        ReportIndex.from_embeddings(corpus, entries(3000), "radiology", IDENTITY, CORPUS, "ivfrabitq", rabitq_bits=0)
     for field, value, message in [
         ("pq_nbits", 0, "pq_nbits: expected 1 to 16"),
         ("rerank", -1, "rerank: expected 0"),
         ("pq_m", 0, "pq_m: expected at least 1"),
         ("nprobe", 0, "nprobe: expected at least 1"),
+        ("rabitq_bits", 10, "rabitq_bits: expected 1 to 9"),
     ]:
         with pytest.raises(ConfigError, match=message):
             BuildIndexConfig(retriever="r", corpus="c", modality="radiology", out="o", **{field: value})
@@ -171,7 +198,14 @@ def test_a_report_line_that_is_not_its_row_is_named_when_read(tmp_path):
         rows[1]
 
 
-def test_build_index_stage_writes_an_ivfpq_index(tmp_path):
+@pytest.mark.parametrize(
+    ("kind", "params", "factory"),
+    [
+        ("ivfpq", {"pq_m": 16, "pq_nbits": 4, "opq": False}, "IVF2,PQ16x4np"),
+        ("ivfrabitq", {"rabitq_bits": 3}, "IVF2,RaBitQ3"),
+    ],
+)
+def test_build_index_stage_writes_an_index_of_codes(kind, params, factory, tmp_path):
     from mmed_rag.retrieval.clip import save_clip
     from mmed_rag.testing import tiny_clip
 
@@ -186,16 +220,14 @@ def test_build_index_stage_writes_an_ivfpq_index(tmp_path):
         corpus=str(corpus),
         modality="radiology",
         out=str(tmp_path / "index"),
-        kind="ivfpq",
+        kind=kind,
         nlist=2,
-        pq_m=16,
-        pq_nbits=4,
-        opq=False,
+        **params,
     )
     build_index(config)
 
     loaded = ReportIndex.load(tmp_path / "index", retriever=retriever, corpus=corpus, use_gpu=False)
-    assert loaded.manifest["params"]["factory"] == "IVF2,PQ16x4np" and len(loaded) == 80
+    assert loaded.manifest["params"]["factory"] == factory and len(loaded) == 80
     assert load_config(BuildIndexConfig, tmp_path / "index/config.yaml") == config
 
 

@@ -13,6 +13,7 @@ from typing import Literal
 from mmed_rag.chat_templates import LLAVA_MED_MISTRAL
 from mmed_rag.config import ConfigError
 from mmed_rag.retrieval.select import RULES, KSelection
+from mmed_rag.sharding import ShardOptions
 
 # The dtypes a converted checkpoint can be written in (convert.py maps them to torch's).
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
@@ -98,7 +99,7 @@ class GeneratorConfig(BackendOptions):
 
 
 @dataclass(kw_only=True)
-class PipelineConfig(BackendOptions):
+class PipelineConfig(BackendOptions, ShardOptions):
     """Everything ``mmed-rag generate`` needs; a YAML file in ``configs/generate/`` sets it."""
 
     model: str = field(default="", metadata={"help": "generator: local image-text-to-text model directory"})
@@ -180,12 +181,6 @@ class PipelineConfig(BackendOptions):
             "help": "start over: drop an interrupted run's results instead of resuming, or replace a finished output",
             "aliases": ["--overwrite"],
         },
-    )
-    num_chunks: int = field(
-        default=1, metadata={"help": "split the input into this many parts, one per job (LLaVA's convention)"}
-    )
-    chunk_idx: int = field(
-        default=0, metadata={"help": "the part this job answers (0-based); the last part to finish merges them all"}
     )
 
     def __post_init__(self) -> None:

@@ -36,7 +36,7 @@ from mmed_rag.retrieval.clip import create_clip, resolve_clip
 from mmed_rag.retrieval.configs import RetrieveConfig
 from mmed_rag.retrieval.encode import embed_pixels
 from mmed_rag.retrieval.index import IndexMissingError, ReportIndex, Retriever, RetrieverIdentity
-from mmed_rag.sharding import Shard, check_parts, merge_parts, resolve_shard, unfinished_parts
+from mmed_rag.sharding import Shard, check_parts, merge_parts, unfinished_parts
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def retrieve(config: RetrieveConfig) -> RetrievalSummary:
     process that finishes the last part merges them into the output (:mod:`mmed_rag.sharding`).
     """
     output = Path(config.output_path)
-    shard = resolve_shard(config.num_chunks, config.chunk_idx)
+    shard = config.shard()
     inputs = [config.eval_json, config.train_json, config.index, config.checkpoint_path, config.model_name_or_path]
     with claim_outputs("retrieve", files=[shard.output(output)], inputs=inputs):
         check_parts(output, shard, config.fresh)

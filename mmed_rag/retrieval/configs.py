@@ -12,6 +12,7 @@ from typing import Literal
 
 from mmed_rag.config import ConfigError
 from mmed_rag.retrieval.select import RULES, KSelection
+from mmed_rag.sharding import ShardOptions
 
 SelectMetric = Literal[
     "image_to_report_R@1",
@@ -140,7 +141,10 @@ class FinetuneConfig:
         return Path(self.logs) / (self.name or self.dataset_type)
 
 
-IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq"]
+IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq", "ivfrabitq"]
+# Bits per dimension of an ivfrabitq code: 1 (the sign of each rotated coordinate) plus up to 8 refining bits.
+RABITQ_MAX_BITS = 9
+DEFAULT_RABITQ_BITS = 4
 
 
 @dataclass
@@ -155,16 +159,18 @@ class BuildIndexConfig:
         default="flat",
         metadata={
             "help": "flat: exact inner product; ivf: k-means cells; hnsw: graph; ivfpq: cells of product-quantised "
-            "codes, for a million reports and more (all but flat approximate)"
+            "codes; ivfrabitq: cells of RaBitQ codes (the last two for a million reports and more; all but flat "
+            "approximate)"
         },
     )
     batch_size: int = field(default=256, metadata={"help": "reports encoded per batch"})
     nlist: int | None = field(
-        default=None, metadata={"help": "ivf, ivfpq: number of cells (default: about 4 sqrt(n), at most n/39)"}
+        default=None,
+        metadata={"help": "ivf, ivfpq, ivfrabitq: number of cells (default: about 4 sqrt(n), at most n/39)"},
     )
     nprobe: int | None = field(
         default=None,
-        metadata={"help": "ivf, ivfpq: cells searched per query (default: ivf 16, ivfpq nlist/64 but >= 16)"},
+        metadata={"help": "ivf, ivfpq, ivfrabitq: cells searched per query (default: ivf 16, else nlist/64 but >= 16)"},
     )
     hnsw_m: int = field(default=32, metadata={"help": "hnsw: links per node"})
     ef_construction: int = field(default=40, metadata={"help": "hnsw: candidate list size while building"})
@@ -185,6 +191,13 @@ class BuildIndexConfig:
             "costs 1 byte per dimension per report)"
         },
     )
+    rabitq_bits: int = field(
+        default=DEFAULT_RABITQ_BITS,
+        metadata={
+            "help": f"ivfrabitq: bits per dimension of each code (1-{RABITQ_MAX_BITS}; each costs dim/8 bytes per "
+            "report: 3 bits of a 512-dim embedding are 1/10 of its float32 vector)"
+        },
+    )
     device: str = field(default="auto", metadata={"help": "device that encodes the reports: auto, cpu, cuda, ..."})
 
     def __post_init__(self) -> None:
@@ -200,6 +213,10 @@ class BuildIndexConfig:
             raise ConfigError(f"pq_nbits: expected 1 to 16 bits per code, got {self.pq_nbits}")
         if self.rerank < 0:
             raise ConfigError(f"rerank: expected 0 (off) or a shortlist factor >= 1, got {self.rerank}")
+        if not 1 <= self.rabitq_bits <= RABITQ_MAX_BITS:
+            raise ConfigError(
+                f"rabitq_bits: expected 1 to {RABITQ_MAX_BITS} bits per dimension, got {self.rabitq_bits}"
+            )
 
     def index_params(self) -> dict:
         """The parameters of ``kind``, as :meth:`ReportIndex.from_embeddings` takes them."""
@@ -210,11 +227,13 @@ class BuildIndexConfig:
         params = {"nlist": self.nlist, "nprobe": self.nprobe}
         if self.kind == "ivfpq":
             params |= {"pq_m": self.pq_m, "pq_nbits": self.pq_nbits, "opq": self.opq, "rerank": self.rerank}
+        if self.kind == "ivfrabitq":
+            params["rabitq_bits"] = self.rabitq_bits
         return params
 
 
 @dataclass
-class RetrieveConfig:
+class RetrieveConfig(ShardOptions):
     """Arguments of batch retrieval; the names are the original scripts' flags."""
 
     eval_json: str = field(
@@ -256,12 +275,6 @@ class RetrieveConfig:
         },
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
-    num_chunks: int = field(
-        default=1, metadata={"help": "split the input into this many parts, one per job (LLaVA's convention)"}
-    )
-    chunk_idx: int = field(
-        default=0, metadata={"help": "the part this job answers (0-based); the last part to finish merges them all"}
-    )
 
     def __post_init__(self) -> None:
         # The original scripts default their optional paths to "": treat it as not given.

@@ -285,8 +285,9 @@ class ReportIndex:
         ``"ivf"`` ``nlist`` k-means cells of which ``nprobe`` are searched (``nlist=None``: about 4 sqrt(n),
         at most n / 39), ``"hnsw"`` a graph with ``hnsw_m`` links per node, ``ef_construction`` and
         ``ef_search`` candidate lists, ``"ivfpq"`` IVF cells of product-quantised codes for a million reports
-        and more (``pq_m`` sub-quantisers of ``pq_nbits`` bits, ``opq`` rotation, ``rerank`` shortlist factor;
-        see :mod:`mmed_rag.retrieval.index_kinds`). ``corpus``: the manifest's record of the indexed file
+        and more (``pq_m`` sub-quantisers of ``pq_nbits`` bits, ``opq`` rotation, ``rerank`` shortlist factor),
+        ``"ivfrabitq"`` IVF cells of RaBitQ codes (``rabitq_bits`` per dimension); see
+        :mod:`mmed_rag.retrieval.index_kinds`. ``corpus``: the manifest's record of the indexed file
         (path, sha256, records).
         """
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
