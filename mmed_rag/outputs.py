@@ -28,6 +28,8 @@ import filelock
 from mmed_rag.errors import MMedRAGError
 
 LOCK_SUFFIX = ".lock"
+# How long a refused run waits for the lock holder to write who it is (see _describe_holder).
+HOLDER_NOTE_WAIT_S = 2.0
 
 # Locks this process holds, by lock path: a stage function that claims its output and then calls another public
 # function that claims the same output (``generate`` → ``MMedRAG.run_file``) holds it once; the outer claim
@@ -75,16 +77,23 @@ def _holder_note(stage: str) -> bytes:
     return f"{os.getpid()}\n{socket.gethostname()}\nmmed-rag {stage} since {started}\n".encode()
 
 
-def _describe_holder(path: Path) -> str:
-    """'pid N on host H, mmed-rag STAGE since T' from a lock file, or what can be said without it."""
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        lines = []
-    if len(lines) >= 2 and lines[0].strip().isdigit():
-        rest = f", {lines[2]}" if len(lines) >= 3 and lines[2].startswith("mmed-rag") else ""
-        return f"pid {lines[0].strip()} on host {lines[1]}{rest}"
-    return "a process that has not written its name yet"
+def _describe_holder(path: Path, wait_s: float = HOLDER_NOTE_WAIT_S) -> str:
+    """'pid N on host H, mmed-rag STAGE since T' from a lock file, or what can be said without it.
+
+    The holder writes its note just after it takes the lock, so a run refused in between finds the file empty:
+    it waits up to ``wait_s`` for the note rather than name nobody (two runs started together did hit this)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            lines = []
+        if len(lines) >= 2 and lines[0].strip().isdigit():
+            rest = f", {lines[2]}" if len(lines) >= 3 and lines[2].startswith("mmed-rag") else ""
+            return f"pid {lines[0].strip()} on host {lines[1]}{rest}"
+        if time.monotonic() >= deadline:
+            return "a process that has not written its name yet"
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager

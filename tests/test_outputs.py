@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import filelock
 import pytest
@@ -82,6 +83,20 @@ def no_flock(monkeypatch):
         return lock
 
     monkeypatch.setattr(outputs.filelock, "FileLock", native)
+
+
+def test_a_run_refused_before_the_holder_wrote_its_name_waits_for_it(tmp_path):
+    """Two runs started together: the loser can read the lock file between the winner's lock and its note."""
+    path = tmp_path / "out.jsonl.lock"
+    path.write_text("")
+    writer = threading.Timer(0.2, lambda: path.write_text("123\nsomehost\nmmed-rag generate since 12:00\n"))
+    writer.start()
+    try:
+        assert outputs._describe_holder(path) == "pid 123 on host somehost, mmed-rag generate since 12:00"
+    finally:
+        writer.join()
+    path.write_text("")
+    assert outputs._describe_holder(path, wait_s=0.1) == "a process that has not written its name yet"
 
 
 def test_without_flock_a_soft_lock_names_a_live_holder_and_breaks_a_dead_ones(tmp_path, no_flock):
