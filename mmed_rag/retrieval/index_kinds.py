@@ -113,22 +113,21 @@ def new_faiss_index(
     if kind == "ivfrabitq":
         _check_rabitq(rabitq_bits)
         factory = f"IVF{nlist},RaBitQ{rabitq_bits if rabitq_bits > 1 else ''}"
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        _cluster_on_the_sphere(faiss.downcast_index(faiss.extract_index_ivf(index)))
-        sample = _train_on_a_sample(index, embeddings, TRAIN_POINTS_PER_CENTROID * nlist)
         params = {"nlist": nlist, "nprobe": nprobe, "rabitq_bits": rabitq_bits, "factory": factory}
+        centroids = nlist
     else:
         pq_m = pq_m or default_pq_m(dim)
         _check_pq(n, dim, pq_m, pq_nbits, opq, rerank)
         factory = f"{f'OPQ{pq_m},' if opq else ''}IVF{nlist},PQ{pq_m}x{pq_nbits}np{',Refine(SQ8)' if rerank else ''}"
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-        _cluster_on_the_sphere(ivf)
-        ivf.pq.cp.min_points_per_centroid = 1  # too few points is warned about in our words (_check_pq)
-        sample = _train_on_a_sample(index, embeddings, TRAIN_POINTS_PER_CENTROID * max(nlist, 2**pq_nbits))
         params = {"nlist": nlist, "nprobe": nprobe, "pq_m": pq_m, "pq_nbits": pq_nbits, "opq": opq}
         params |= {"rerank": rerank, "factory": factory}
-    params["trained_on"] = sample
+        centroids = max(nlist, 2**pq_nbits)
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.downcast_index(ivf_of(index))
+    _cluster_on_the_sphere(ivf)
+    if kind == "ivfpq":
+        ivf.pq.cp.min_points_per_centroid = 1  # too few points is warned about in our words (_check_pq)
+    params["trained_on"] = _train_on_a_sample(index, embeddings, TRAIN_POINTS_PER_CENTROID * centroids)
     apply_search_params(index, kind, params)
     return index, params
 
