@@ -240,6 +240,21 @@ def scale(args: argparse.Namespace) -> None:
     configs += [
         ("ivfrabitq", "ivfrabitq", {}, {"sweep": [{}, {"nprobe": 16}]}),
         ("ivfrabitq", "ivfrabitq", {"rabitq_bits": 3}, {"sweep": [{}, {"nprobe": 16}]}),
+        (
+            "ivfrabitq, exact re-ranking",
+            "ivfrabitq",
+            {"rabitq_bits": 1, "exact_rerank": 4},
+            {
+                "sweep": [
+                    {},
+                    {"nprobe": 16},
+                    {"nprobe": 16, "exact_rerank": 2},
+                    {"nprobe": 16, "exact_rerank": 10},
+                    {"nprobe": 16, "cold_vectors": True},
+                ]
+            },
+        ),
+        ("ivfrabitq, exact re-ranking", "ivfrabitq", {"rabitq_bits": 2, "exact_rerank": 4}, {"sweep": [{}]}),
     ]
     if args.scale_no_opq:
         configs.append(("ivfpq, no OPQ", "ivfpq", {"opq": False}, {}))

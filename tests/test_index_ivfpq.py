@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 from mmed_rag.config import ConfigError, load_config
+from mmed_rag.retrieval.exact_vectors import VECTORS_FILE
 from mmed_rag.retrieval.index import (
     BuildIndexConfig,
     IndexBuildError,
     IndexCorruptError,
     IndexedReport,
+    IndexMissingError,
     ReportIndex,
     RetrieverIdentity,
     build_index,
@@ -96,6 +98,7 @@ def test_ivfrabitq_codes_estimate_more_precisely_with_more_bits(data):
             "nprobe": 16,
             "rabitq_bits": bits,
             "factory": f"IVF76,RaBitQ{bits if bits > 1 else ''}",
+            "exact_rerank": 0,
             "trained_on": 3000,
         }
         scores, rows = index.search(queries, 10)
@@ -158,15 +161,81 @@ def test_bad_code_parameters_are_refused_with_what_to_choose(data):
         build(nlist=5000)
     with pytest.raises(IndexBuildError, match=r"rabitq_bits=0: expected 1 to 9 bits per dimension \(default 4"):
         ReportIndex.from_embeddings(corpus, entries(3000), "radiology", IDENTITY, CORPUS, "ivfrabitq", rabitq_bits=0)
+    with pytest.raises(IndexBuildError, match="exact_rerank: only an index of codes .* a hnsw index already ranks"):
+        ReportIndex.from_embeddings(corpus, entries(3000), "radiology", IDENTITY, CORPUS, "hnsw", exact_rerank=4)
+    with pytest.raises(IndexBuildError, match="rerank and exact_rerank: choose one"):
+        build(rerank=4, exact_rerank=4)
+    with pytest.raises(IndexBuildError, match="exact_rerank=-1: expected 0"):
+        build(exact_rerank=-1)
     for field, value, message in [
         ("pq_nbits", 0, "pq_nbits: expected 1 to 16"),
         ("rerank", -1, "rerank: expected 0"),
         ("pq_m", 0, "pq_m: expected at least 1"),
         ("nprobe", 0, "nprobe: expected at least 1"),
         ("rabitq_bits", 10, "rabitq_bits: expected 1 to 9"),
+        ("exact_rerank", -1, "exact_rerank: expected 0"),
+        ("exact_rerank", 4, "exact_rerank: only for kind ivfpq or ivfrabitq .* not flat"),
     ]:
         with pytest.raises(ConfigError, match=message):
             BuildIndexConfig(retriever="r", corpus="c", modality="radiology", out="o", **{field: value})
+    with pytest.raises(ConfigError, match="rerank and exact_rerank: choose one"):
+        BuildIndexConfig(
+            retriever="r", corpus="c", modality="radiology", out="o", kind="ivfpq", rerank=2, exact_rerank=2
+        )
+
+
+@pytest.mark.parametrize(("kind", "codes"), [("ivfrabitq", {"rabitq_bits": 1}), ("ivfpq", {"pq_m": 4})])
+def test_exact_reranking_returns_the_flat_index_neighbours_and_scores_from_coarse_codes(kind, codes, data):
+    corpus, queries, exact = data
+    coarse = ReportIndex.from_embeddings(
+        corpus, entries(3000), "radiology", IDENTITY, CORPUS, kind, use_gpu=False, **codes
+    )
+    reranked = ReportIndex.from_embeddings(
+        corpus, entries(3000), "radiology", IDENTITY, CORPUS, kind, exact_rerank=4, use_gpu=False, **codes
+    )
+
+    scores, rows = reranked.search(queries, 10)
+
+    assert recall_at_10(coarse.search(queries, 10)[1], exact) < 0.75  # measured 0.61 (1 bit) and 0.54 (4 bytes)
+    assert recall_at_10(rows, exact) >= 0.95  # measured 0.98 and 0.98
+    np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", corpus[rows], queries), rtol=0, atol=1e-6)
+    assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_exact_vectors_are_saved_read_from_disk_and_checked(data, tmp_path):
+    corpus, queries, _ = data
+    built = ReportIndex.from_embeddings(
+        corpus, entries(3000), "radiology", IDENTITY, CORPUS, "ivfrabitq", rabitq_bits=1, exact_rerank=4, use_gpu=False
+    )
+    directory = built.save(tmp_path / "index")
+    assert (directory / VECTORS_FILE).stat().st_size == 3000 * DIM * 4
+    mapped, read = ReportIndex.load(directory, use_gpu=False), ReportIndex.load(directory, use_gpu=False, mmap=False)
+    assert mapped.exact_vectors.path == directory / VECTORS_FILE
+    np.testing.assert_array_equal(mapped.exact_vectors.take(np.array([7, 2, 7, 2999])), corpus[[7, 2, 7, 2999]])
+    for got in (mapped.search(queries, 10), read.search(queries, 10)):
+        for part, fresh in zip(got, built.search(queries, 10), strict=True):
+            np.testing.assert_array_equal(part, fresh)
+
+    copied = ReportIndex.load(mapped.save(tmp_path / "copy"), use_gpu=False)  # a loaded index saves its vectors too
+    np.testing.assert_array_equal(copied.search(queries, 5)[1], built.search(queries, 5)[1])
+
+    vectors = (directory / VECTORS_FILE).read_bytes()
+    (directory / VECTORS_FILE).write_bytes(vectors[:-4] + b"\0\0\0\0")
+    with pytest.raises(IndexCorruptError, match="vectors.f32 was changed or replaced after the index was written"):
+        ReportIndex.load(directory)
+    (directory / VECTORS_FILE).unlink()
+    with pytest.raises(IndexMissingError, match="has a manifest but no vectors.f32"):
+        ReportIndex.load(directory)
+
+    plain = ReportIndex.from_embeddings(
+        corpus, entries(3000), "radiology", IDENTITY, CORPUS, "ivfrabitq", use_gpu=False
+    )
+    (directory / VECTORS_FILE).write_bytes(vectors)
+    plain.save(directory)  # overwriting: no stale vectors left beside an index that does not use them
+    assert not (directory / VECTORS_FILE).exists()
+    plain.manifest["params"]["exact_rerank"] = 4
+    with pytest.raises(IndexCorruptError, match="exact_rerank=4 needs the index's float32 vectors"):
+        plain.search(queries, 10)
 
 
 def test_a_version_1_directory_still_loads_and_looks_up_its_reports(ivfpq, data, tmp_path):
@@ -184,8 +253,8 @@ def test_a_version_1_directory_still_loads_and_looks_up_its_reports(ivfpq, data,
     np.testing.assert_array_equal(rows, ivfpq.search(queries, 5)[1])
     assert loaded.lookup(rows[:2]) == [[ivfpq.entries[r] for r in query] for query in rows[:2].tolist()]
     assert len(loaded) == 3000 and list(loaded.entries) == list(ivfpq.entries)
-    (directory / "manifest.json").write_text(json.dumps({**manifest, "format_version": 3}))
-    with pytest.raises(IndexCorruptError, match="reads versions 1, 2"):
+    (directory / "manifest.json").write_text(json.dumps({**manifest, "format_version": 4}))
+    with pytest.raises(IndexCorruptError, match="reads versions 1, 2, 3"):
         ReportIndex.load(directory)
 
 
@@ -203,6 +272,7 @@ def test_a_report_line_that_is_not_its_row_is_named_when_read(tmp_path):
     [
         ("ivfpq", {"pq_m": 16, "pq_nbits": 4, "opq": False}, "IVF2,PQ16x4np"),
         ("ivfrabitq", {"rabitq_bits": 3}, "IVF2,RaBitQ3"),
+        ("ivfrabitq", {"rabitq_bits": 1, "exact_rerank": 3}, "IVF2,RaBitQ"),
     ],
 )
 def test_build_index_stage_writes_an_index_of_codes(kind, params, factory, tmp_path):
@@ -228,6 +298,7 @@ def test_build_index_stage_writes_an_index_of_codes(kind, params, factory, tmp_p
 
     loaded = ReportIndex.load(tmp_path / "index", retriever=retriever, corpus=corpus, use_gpu=False)
     assert loaded.manifest["params"]["factory"] == factory and len(loaded) == 80
+    assert (loaded.exact_vectors is not None) == bool(params.get("exact_rerank"))
     assert load_config(BuildIndexConfig, tmp_path / "index/config.yaml") == config
 
 

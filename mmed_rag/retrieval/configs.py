@@ -198,6 +198,14 @@ class BuildIndexConfig:
             "report: 3 bits of a 512-dim embedding are 1/10 of its float32 vector)"
         },
     )
+    exact_rerank: int = field(
+        default=0,
+        metadata={
+            "help": "ivfpq, ivfrabitq: re-score the best exact_rerank x k codes with the float32 vectors, kept on "
+            "disk in vectors.f32 and read per candidate (0: off; memory holds only the codes, the disk 4 bytes per "
+            "dimension per report)"
+        },
+    )
     device: str = field(default="auto", metadata={"help": "device that encodes the reports: auto, cpu, cuda, ..."})
 
     def __post_init__(self) -> None:
@@ -213,6 +221,16 @@ class BuildIndexConfig:
             raise ConfigError(f"pq_nbits: expected 1 to 16 bits per code, got {self.pq_nbits}")
         if self.rerank < 0:
             raise ConfigError(f"rerank: expected 0 (off) or a shortlist factor >= 1, got {self.rerank}")
+        if self.exact_rerank < 0:
+            raise ConfigError(f"exact_rerank: expected 0 (off) or a shortlist factor >= 1, got {self.exact_rerank}")
+        if self.exact_rerank and self.kind not in ("ivfpq", "ivfrabitq"):
+            raise ConfigError(
+                f"exact_rerank: only for kind ivfpq or ivfrabitq (their codes' scores are estimates), not {self.kind}"
+            )
+        if self.exact_rerank and self.rerank:
+            raise ConfigError(
+                "rerank and exact_rerank: choose one re-scoring (8-bit vectors in memory, or float32 vectors from disk)"
+            )
         if not 1 <= self.rabitq_bits <= RABITQ_MAX_BITS:
             raise ConfigError(
                 f"rabitq_bits: expected 1 to {RABITQ_MAX_BITS} bits per dimension, got {self.rabitq_bits}"
@@ -229,6 +247,7 @@ class BuildIndexConfig:
             params |= {"pq_m": self.pq_m, "pq_nbits": self.pq_nbits, "opq": self.opq, "rerank": self.rerank}
         if self.kind == "ivfrabitq":
             params["rabitq_bits"] = self.rabitq_bits
+        params["exact_rerank"] = self.exact_rerank
         return params
 
 

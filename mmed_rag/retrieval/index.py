@@ -17,15 +17,19 @@ overwritten, so an interrupted build leaves no manifest and is refused instead o
     index.faiss     faiss.write_index of the CPU index (inner product on L2-normalised embeddings = cosine)
     reports.jsonl   one line per index row: {"row": 0, "report": "...", "ids": ["rad_00001", ...]}
     reports.offsets byte offset of each row's line (numpy .npy, int64, size + 1): rows are read on demand
+    vectors.f32     only with ``exact_rerank``: the float32 embeddings, re-scoring the codes' shortlist
+                    (:mod:`mmed_rag.retrieval.exact_vectors`)
     manifest.json   format_version, modality, kind and its params, size, embed_dim, the retriever (its own
                     manifest, model name, path, sha256 of its weights), the corpus (path, sha256 of its bytes,
-                    record count), sha256 of index.faiss, reports.jsonl and reports.offsets, library versions
+                    record count), sha256 of index.faiss, reports.jsonl, reports.offsets (and vectors.f32), library
+                    versions
     config.yaml     the BuildIndexConfig it was made with (only when built by :func:`build_index`)
 
 Format versions: 1 had no reports.offsets (a version-1 directory still loads: its offsets come from one scan of
-reports.jsonl); 2 adds it. A loaded index maps index.faiss (``mmap=True``, the default) and reads the rows of
-reports.jsonl only when looked up: a million-report index costs the pages its searches touch, not a copy of
-everything (:mod:`mmed_rag.retrieval.report_rows`).
+reports.jsonl); 2 adds it; 3 may add vectors.f32 (a version-2 directory still loads; an older mmed-rag refuses a
+version-3 one rather than search it without its re-scoring). A loaded index maps index.faiss (``mmap=True``, the
+default) and reads the rows of reports.jsonl (and vectors.f32) only when looked up: a million-report index costs
+the pages its searches touch, not a copy of everything (:mod:`mmed_rag.retrieval.report_rows`).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from mmed_rag.outputs import claim_outputs
 from mmed_rag.retrieval.clip import LOCAL_DIR_PREFIX, MANIFEST_FILE, create_clip, resolve_clip
 from mmed_rag.retrieval.configs import BuildIndexConfig, IndexKind
 from mmed_rag.retrieval.encode import embedding_dim, encode_texts
+from mmed_rag.retrieval.exact_vectors import VECTORS_FILE, ExactVectors, ExactVectorsError
 from mmed_rag.retrieval.index_kinds import (
     GPU_MAX_K,
     KINDS,
@@ -78,8 +83,8 @@ from mmed_rag.retrieval.report_rows import (
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 INDEX_FILE = "index.faiss"
 
 
@@ -187,10 +192,18 @@ def unique_reports(records: Iterable[ImageReportRecord]) -> list[IndexedReport]:
 class ReportIndex:
     """Report embeddings of one modality in a FAISS inner-product index, with the texts and ids of its rows."""
 
-    def __init__(self, index: faiss.Index, entries: Sequence[IndexedReport], manifest: dict, use_gpu: bool = True):
+    def __init__(
+        self,
+        index: faiss.Index,
+        entries: Sequence[IndexedReport],
+        manifest: dict,
+        use_gpu: bool = True,
+        exact_vectors: ExactVectors | None = None,
+    ):
         self.index = index
         self.entries = entries if isinstance(entries, ReportRows) else tuple(entries)
         self.manifest = manifest
+        self.exact_vectors = exact_vectors  # only with exact_rerank: what re-scores the codes' shortlist
         self._gpu_index = gpu_copy(index, self.kind) if use_gpu else None
 
     @property
@@ -286,7 +299,8 @@ class ReportIndex:
         at most n / 39), ``"hnsw"`` a graph with ``hnsw_m`` links per node, ``ef_construction`` and
         ``ef_search`` candidate lists, ``"ivfpq"`` IVF cells of product-quantised codes for a million reports
         and more (``pq_m`` sub-quantisers of ``pq_nbits`` bits, ``opq`` rotation, ``rerank`` shortlist factor),
-        ``"ivfrabitq"`` IVF cells of RaBitQ codes (``rabitq_bits`` per dimension); see
+        ``"ivfrabitq"`` IVF cells of RaBitQ codes (``rabitq_bits`` per dimension); either of the last two with
+        ``exact_rerank`` re-scores its shortlist with the float32 vectors (kept on disk once saved); see
         :mod:`mmed_rag.retrieval.index_kinds`. ``corpus``: the manifest's record of the indexed file
         (path, sha256, records).
         """
@@ -319,18 +333,25 @@ class ReportIndex:
             "corpus": corpus,
             "versions": _versions(),
         }
-        return cls(index, entries, manifest, use_gpu=use_gpu)
+        exact_vectors = ExactVectors.in_memory(embeddings) if params.get("exact_rerank") else None
+        return cls(index, entries, manifest, use_gpu=use_gpu, exact_vectors=exact_vectors)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``index.faiss``, ``reports.jsonl``, ``reports.offsets`` and, last, ``manifest.json``."""
+        """Write ``index.faiss``, ``reports.jsonl``, ``reports.offsets``, ``vectors.f32`` (with exact re-scoring)
+        and, last, ``manifest.json``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MANIFEST_FILE).unlink(missing_ok=True)
         with atomic_path(directory / INDEX_FILE) as tmp:
             faiss.write_index(self.index, str(tmp))
         write_report_rows(directory, self.entries)
-        self.manifest["format_version"] = FORMAT_VERSION
         files = (INDEX_FILE, REPORTS_FILE, OFFSETS_FILE)
+        if self.exact_vectors is not None:
+            self.exact_vectors.save(directory)
+            files += (VECTORS_FILE,)
+        else:
+            (directory / VECTORS_FILE).unlink(missing_ok=True)
+        self.manifest["format_version"] = FORMAT_VERSION
         self.manifest["files"] = {name: file_sha256(directory / name) for name in files}
         atomic_write_text(directory / MANIFEST_FILE, json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")
         logger.info("Saved %r to %s", self, directory)
@@ -379,7 +400,13 @@ class ReportIndex:
                 f"says {manifest['embed_dim']} dims, inner product. Rebuild the index."
             )
         apply_search_params(index, manifest["kind"], manifest["params"])
-        return cls(index, entries, manifest, use_gpu=use_gpu)
+        exact_vectors = None
+        if manifest["params"].get("exact_rerank"):
+            try:
+                exact_vectors = ExactVectors.open(directory / VECTORS_FILE, manifest["size"], manifest["embed_dim"])
+            except ExactVectorsError as error:
+                raise IndexCorruptError(f"{error}") from None
+        return cls(index, entries, manifest, use_gpu=use_gpu, exact_vectors=exact_vectors)
 
     @staticmethod
     def validate(
@@ -408,7 +435,9 @@ class ReportIndex:
         Queries are L2-normalised embeddings from the index's retriever (see :mod:`mmed_rag.retrieval.encode`), so
         scores are cosine similarities. ``k`` larger than the index returns all ``size`` rows (``size``
         columns): there is never a ``-1`` placeholder. Where an approximate index (IVF, HNSW, IVF-PQ) finds fewer than
-        ``k`` rows for a query, that query is searched again exhaustively, so every row is a real one.
+        ``k`` rows for a query, that query is searched again exhaustively, so every row is a real one. An index
+        with ``exact_rerank`` asks its codes for ``exact_rerank x k`` rows and returns the best ``k`` of them by
+        exact inner product (their scores are exact too).
         """
         queries = np.asarray(queries)
         if queries.ndim != 2 or queries.shape[1] != self.embed_dim:
@@ -421,14 +450,28 @@ class ReportIndex:
         check_finite(queries, "query embeddings")  # FAISS would rank NaN queries as arbitrary rows
         k = min(k, self.size)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        searcher = self._gpu_index if self._gpu_index is not None and k <= GPU_MAX_K else self.index
-        scores, rows = searcher.search(queries, k)
+        shortlist = self._shortlist(k)
+        searcher = self._gpu_index if self._gpu_index is not None and shortlist <= GPU_MAX_K else self.index
+        scores, rows = searcher.search(queries, shortlist)
         incomplete = (rows < 0).any(axis=1)
         if incomplete.any():
             scores[incomplete], rows[incomplete] = self.index.search(
-                queries[incomplete], k, params=exhaustive_params(self.index, self.kind, self.size)
+                queries[incomplete], shortlist, params=exhaustive_params(self.index, self.kind, self.size)
             )
-        return scores, rows.astype(np.int64, copy=False)
+        rows = rows.astype(np.int64, copy=False)
+        if self.exact_vectors is not None and self.manifest["params"].get("exact_rerank"):
+            return self.exact_vectors.rescore(queries, rows, k)
+        return scores, rows
+
+    def _shortlist(self, k: int) -> int:
+        """How many rows to ask the FAISS index for: ``k``, or ``exact_rerank x k`` (at most all) to re-score."""
+        factor = self.manifest["params"].get("exact_rerank") or 0
+        if factor and self.exact_vectors is None:
+            raise IndexCorruptError(
+                f"{self!r}: exact_rerank={factor} needs the index's float32 vectors ({VECTORS_FILE}), and it was "
+                f"built without them; rebuild it with exact_rerank."
+            )
+        return min(self.size, max(k, factor * k))
 
     def lookup(self, rows: np.ndarray) -> list[list[IndexedReport]]:
         """The index rows of a :meth:`search` result, as reports with their record ids (read on demand)."""
@@ -463,7 +506,10 @@ def _read_manifest(directory: Path) -> dict:
         raise IndexCorruptError(
             f"{path}: format_version {version!r}, but this mmed-rag reads versions {readable}; rebuild the index."
         )
-    for name in (INDEX_FILE, REPORTS_FILE) if version == 1 else (INDEX_FILE, REPORTS_FILE, OFFSETS_FILE):
+    names = (INDEX_FILE, REPORTS_FILE) if version == 1 else (INDEX_FILE, REPORTS_FILE, OFFSETS_FILE)
+    if (manifest.get("params") or {}).get("exact_rerank"):
+        names += (VECTORS_FILE,)
+    for name in names:
         file = directory / name
         if not file.is_file():
             raise IndexMissingError(f"{directory} has a manifest but no {name}; rebuild the index.")

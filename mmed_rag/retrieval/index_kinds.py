@@ -20,6 +20,10 @@ Kinds, all inner product on L2-normalised embeddings (cosine):
   several times faster than OPQ + IVF-PQ, and per byte it estimates inner products more precisely than PQ codes
   (on the million-report benchmark 3 bits per dimension, 1/9 of flat's memory, found 0.91 of the exact top 10
   where IVF-PQ's 1/14 found 0.73).
+
+Either kind of codes takes ``exact_rerank`` > 0: the codes shortlist ``exact_rerank x k`` rows, which are ranked
+again by their exact inner products with the float32 vectors kept on disk (:mod:`~mmed_rag.retrieval.exact_vectors`):
+memory holds only the codes, and recall is the share of the true top k in the shortlist.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ logger = logging.getLogger(__name__)
 KINDS: tuple[str, ...] = ("flat", "ivf", "hnsw", "ivfpq", "ivfrabitq")
 # The kinds whose search probes nprobe of nlist cells.
 IVF_KINDS: tuple[str, ...] = ("ivf", "ivfpq", "ivfrabitq")
+# The kinds that rank by codes' estimated inner products, which exact_rerank can re-score.
+CODED_KINDS: tuple[str, ...] = ("ivfpq", "ivfrabitq")
 # k-means wants this many points per centroid (faiss's own min_points_per_centroid); below it IVF still builds,
 # with a warning, because its centroids are then poorly placed.
 MIN_POINTS_PER_CENTROID = 39
@@ -87,11 +93,13 @@ def new_faiss_index(
     opq: bool = True,
     rerank: int = 0,
     rabitq_bits: int = DEFAULT_RABITQ_BITS,
+    exact_rerank: int = 0,
 ) -> tuple[faiss.Index, dict]:
     """An empty (IVF kinds: trained) inner-product index of ``kind`` for ``embeddings``, and its params."""
     n, dim = embeddings.shape
     if kind not in KINDS:
         raise IndexBuildError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    _check_exact_rerank(kind, exact_rerank, rerank)
     if kind == "flat":
         return faiss.IndexFlatIP(dim), {}
     if kind == "hnsw":
@@ -114,13 +122,14 @@ def new_faiss_index(
         _check_rabitq(rabitq_bits)
         factory = f"IVF{nlist},RaBitQ{rabitq_bits if rabitq_bits > 1 else ''}"
         params = {"nlist": nlist, "nprobe": nprobe, "rabitq_bits": rabitq_bits, "factory": factory}
+        params["exact_rerank"] = exact_rerank
         centroids = nlist
     else:
         pq_m = pq_m or default_pq_m(dim)
         _check_pq(n, dim, pq_m, pq_nbits, opq, rerank)
         factory = f"{f'OPQ{pq_m},' if opq else ''}IVF{nlist},PQ{pq_m}x{pq_nbits}np{',Refine(SQ8)' if rerank else ''}"
         params = {"nlist": nlist, "nprobe": nprobe, "pq_m": pq_m, "pq_nbits": pq_nbits, "opq": opq}
-        params |= {"rerank": rerank, "factory": factory}
+        params |= {"rerank": rerank, "exact_rerank": exact_rerank, "factory": factory}
         centroids = max(nlist, 2**pq_nbits)
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.downcast_index(ivf_of(index))
@@ -194,6 +203,20 @@ def _check_pq(n: int, dim: int, pq_m: int, pq_nbits: int, opq: bool, rerank: int
         )
     if rerank < 0:
         raise IndexBuildError(f"rerank={rerank}: expected 0 (off) or the shortlist size as a multiple of k")
+
+
+def _check_exact_rerank(kind: str, exact_rerank: int, rerank: int) -> None:
+    if exact_rerank < 0:
+        raise IndexBuildError(f"exact_rerank={exact_rerank}: expected 0 (off) or the shortlist size as a multiple of k")
+    if exact_rerank and kind not in CODED_KINDS:
+        raise IndexBuildError(
+            f"exact_rerank: only an index of codes ({', '.join(CODED_KINDS)}) has approximate scores to re-score; "
+            f"a {kind} index already ranks by the exact vectors"
+        )
+    if exact_rerank and rerank:
+        raise IndexBuildError(
+            "rerank and exact_rerank: choose one re-scoring (8-bit vectors in memory, or float32 vectors from disk)"
+        )
 
 
 def _check_rabitq(bits: int) -> None:
