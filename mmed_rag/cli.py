@@ -18,6 +18,7 @@ from importlib import metadata
 
 from mmed_rag.config import add_config_arguments, config_from_args
 from mmed_rag.errors import EXIT_BAD_INPUT, MMedRAGError
+from mmed_rag.sharding import is_main_process
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ def _run_finetune(config) -> int:
     from mmed_rag.retrieval.finetune import finetune_clip
 
     retriever = finetune_clip(config)
-    if _main_process():  # under torchrun, once
+    if is_main_process():  # under torchrun, once
         print(f"fine-tuned {config.dataset_type} retriever: {retriever}")
     return 0
 
@@ -238,6 +239,8 @@ def _run_train_sft(config, kind: str = "SFT") -> int:
     from mmed_rag.training.sft import train_sft
 
     result = train_sft(config)
+    if not is_main_process():  # under torchrun, the report once
+        return 0
     for name, directory in result["stages"].items():
         summary = result["summaries"][name]
         before, after = summary.get("val_loss_before"), summary.get("val_loss_after")
@@ -561,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # Under torchrun every process runs this; rank 0 reports progress, the others only warnings and errors.
-    progress = logging.INFO if _main_process() else logging.WARNING
+    progress = logging.INFO if is_main_process() else logging.WARNING
     logging.getLogger("mmed_rag").setLevel(logging.DEBUG if args.verbose else progress)
     show_each_warning_once()
     if not sys.stderr.isatty():  # Hugging Face's own bars (loading weights, shards) in a log file: off
@@ -570,11 +573,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.passthrough(split[1], verbose=args.verbose)
     stage: Stage = args.stage_spec
     return run_reporting_errors(stage.name, lambda: stage.run(config_from_args(stage.config(), args)), args.verbose)
-
-
-def _main_process() -> bool:
-    """False in the other processes of a torchrun or deepspeed launch (``RANK`` > 0)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def show_each_warning_once() -> None:

@@ -49,6 +49,7 @@ from mmed_rag.divergence import StopOnDivergence
 from mmed_rag.errors import MMedRAGError, model_directory_problem
 from mmed_rag.fingerprint import file_sha256, path_fingerprint
 from mmed_rag.outputs import claim_outputs
+from mmed_rag.sharding import is_main_process
 from mmed_rag.training.sft_config import SFTConfig, SFTStage, Trainable
 from mmed_rag.training.sources import DataSource, data_sources
 from mmed_rag.training.stages import finished_summary, last_checkpoint, plot_loss, publish_stage, record_identity
@@ -286,6 +287,10 @@ def _trainer_args(config: SFTConfig, stage: SFTStage, checkpoints: Path, validat
         seed=config.seed,
         data_seed=config.seed,
         bf16=config.bf16,
+        # Under torchrun on a machine without a GPU, accelerate finds no distributed backend unless told to run on
+        # the CPU: each process would count itself rank 0 of 1, train on every row and write. With use_cpu they
+        # join over gloo.
+        use_cpu=not torch.accelerator.is_available(),
         gradient_checkpointing=False,
         report_to=[] if config.report_to in ("", "none") else config.report_to.split(","),
         dataloader_num_workers=config.workers,
@@ -414,7 +419,8 @@ def train_sft(config: SFTConfig) -> dict[str, Any]:
         for sources in stage_sources(stage, config.image_folder):
             inputs += [path for source in sources for path in (source.path, source.image_folder) if path]
         inputs += [path for path in (stage.damon_data, stage.damon_val_data) if path]
-    with claim_outputs("train-sft", directories=[config.output_dir], inputs=inputs):
+    # Every process of a distributed run trains; the one that writes (rank 0) holds the output's lock.
+    with claim_outputs("train-sft", directories=[config.output_dir], inputs=inputs, lock=is_main_process()):
         return _train_sft(config, stages)
 
 
@@ -427,6 +433,7 @@ def _train_sft(config: SFTConfig, stages: list[SFTStage]) -> dict[str, Any]:
         directory, summary = train_stage(config, stage, source, processor)
         result["stages"][stage.name], result["summaries"][stage.name] = directory, summary
         source = directory
-    save_config(config, config.output_dir, name="sft_config.yaml")  # the run's record, once it produced something
+    if is_main_process():
+        save_config(config, config.output_dir, name="sft_config.yaml")  # the run's record, once it produced something
     result["final"] = source
     return result
