@@ -2,11 +2,11 @@
 
 An index of compact codes (IVF-PQ, IVF-RaBitQ) ranks by estimated inner products: the codes are small because
 they are imprecise, and recall@10 is what that imprecision costs. The true top 10 is nevertheless almost always
-among the codes' best few tens (on the million-report benchmark, 1-bit RaBitQ codes held 0.78 of the top 10 in
-their own top 10 and 0.997 in their top 40). So an index built with ``exact_rerank`` keeps the embeddings
-themselves in ``vectors.f32`` (row-major float32, ``size x embed_dim``, no header), and a search asks the codes
-for ``exact_rerank x k`` candidates, reads those rows and ranks them by their exact inner products: the scores it
-returns are the flat index's own, so adaptive k cuts where it would on the flat index.
+among the codes' best few tens (on 200,000 reports of the ``--scale`` benchmark's data, 1-bit RaBitQ codes held
+0.78 of the top 10 in their own top 10 and 0.997 in their top 40). So an index built with ``exact_rerank`` keeps
+the embeddings themselves in ``vectors.f32`` (row-major float32, ``size x embed_dim``, no header), and a search
+asks the codes for ``exact_rerank x k`` candidates, reads those rows and ranks them by their exact inner products:
+the scores it returns are the flat index's own, so adaptive k cuts where it would on the flat index.
 
 The rows are read with ``pread``, not memory-mapped, for the reason :mod:`~mmed_rag.retrieval.report_rows`
 gives: reads leave pages in the kernel's page cache, which is shared and dropped under memory pressure, where a
