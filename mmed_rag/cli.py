@@ -18,7 +18,7 @@ from importlib import metadata
 
 from mmed_rag.config import add_config_arguments, config_from_args
 from mmed_rag.errors import EXIT_BAD_INPUT, MMedRAGError
-from mmed_rag.sharding import is_main_process
+from mmed_rag.launch import is_main_process
 
 
 @dataclass(frozen=True)

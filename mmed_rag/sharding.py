@@ -99,12 +99,6 @@ class ShardOptions:
         return resolve_shard(self.num_chunks, self.chunk_idx, environ)
 
 
-def is_main_process(environ: Mapping[str, str] = os.environ) -> bool:
-    """False in the other processes of a torchrun or deepspeed launch (``RANK`` > 0): they neither log progress
-    nor hold an output's lock, which the main process holds for all of them."""
-    return environ.get("RANK", "0") == "0"
-
-
 def resolve_shard(num_chunks: int = 1, chunk_idx: int = 0, environ: Mapping[str, str] = os.environ) -> Shard:
     """The part this process answers: from ``--num-chunks/--chunk-idx``, else from torchrun's environment."""
     if num_chunks < 1 or not 0 <= chunk_idx < num_chunks:

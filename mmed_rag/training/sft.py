@@ -48,8 +48,8 @@ from mmed_rag.data.records import IMAGE_TOKEN, ConversationRecord, RecordError
 from mmed_rag.divergence import StopOnDivergence
 from mmed_rag.errors import MMedRAGError, model_directory_problem
 from mmed_rag.fingerprint import file_sha256, path_fingerprint
+from mmed_rag.launch import is_main_process
 from mmed_rag.outputs import claim_outputs
-from mmed_rag.sharding import is_main_process
 from mmed_rag.training.sft_config import SFTConfig, SFTStage, Trainable
 from mmed_rag.training.sources import DataSource, data_sources
 from mmed_rag.training.stages import finished_summary, last_checkpoint, plot_loss, publish_stage, record_identity
