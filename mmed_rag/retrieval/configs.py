@@ -145,6 +145,8 @@ IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq", "ivfrabitq"]
 # Bits per dimension of an ivfrabitq code: 1 (the sign of each rotated coordinate) plus up to 8 refining bits.
 RABITQ_MAX_BITS = 9
 DEFAULT_RABITQ_BITS = 4
+# The kinds that rank by codes' estimated inner products, which exact_rerank can re-score.
+CODED_KINDS: tuple[str, ...] = ("ivfpq", "ivfrabitq")
 
 
 @dataclass
@@ -223,9 +225,10 @@ class BuildIndexConfig:
             raise ConfigError(f"rerank: expected 0 (off) or a shortlist factor >= 1, got {self.rerank}")
         if self.exact_rerank < 0:
             raise ConfigError(f"exact_rerank: expected 0 (off) or a shortlist factor >= 1, got {self.exact_rerank}")
-        if self.exact_rerank and self.kind not in ("ivfpq", "ivfrabitq"):
+        if self.exact_rerank and self.kind not in CODED_KINDS:
             raise ConfigError(
-                f"exact_rerank: only for kind ivfpq or ivfrabitq (their codes' scores are estimates), not {self.kind}"
+                f"exact_rerank: only for kind {' or '.join(CODED_KINDS)} (their codes' scores are estimates), "
+                f"not {self.kind}"
             )
         if self.exact_rerank and self.rerank:
             raise ConfigError(

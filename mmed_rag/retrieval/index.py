@@ -459,7 +459,7 @@ class ReportIndex:
                 queries[incomplete], shortlist, params=exhaustive_params(self.index, self.kind, self.size)
             )
         rows = rows.astype(np.int64, copy=False)
-        if self.exact_vectors is not None and self.manifest["params"].get("exact_rerank"):
+        if self.manifest["params"].get("exact_rerank"):  # _shortlist checked that the vectors are there
             return self.exact_vectors.rescore(queries, rows, k)
         return scores, rows
 

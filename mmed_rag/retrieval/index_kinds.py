@@ -34,15 +34,13 @@ import faiss
 import numpy as np
 
 from mmed_rag.errors import MMedRAGError
-from mmed_rag.retrieval.configs import DEFAULT_RABITQ_BITS, RABITQ_MAX_BITS
+from mmed_rag.retrieval.configs import CODED_KINDS, DEFAULT_RABITQ_BITS, RABITQ_MAX_BITS
 
 logger = logging.getLogger(__name__)
 
 KINDS: tuple[str, ...] = ("flat", "ivf", "hnsw", "ivfpq", "ivfrabitq")
 # The kinds whose search probes nprobe of nlist cells.
 IVF_KINDS: tuple[str, ...] = ("ivf", "ivfpq", "ivfrabitq")
-# The kinds that rank by codes' estimated inner products, which exact_rerank can re-score.
-CODED_KINDS: tuple[str, ...] = ("ivfpq", "ivfrabitq")
 # k-means wants this many points per centroid (faiss's own min_points_per_centroid); below it IVF still builds,
 # with a warning, because its centroids are then poorly placed.
 MIN_POINTS_PER_CENTROID = 39
